@@ -1,0 +1,22 @@
+# Two entry points for a fresh clone; each creates .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test venv clean
+
+demo: $(STAMP)
+	$(VENV)/bin/stpp-ray run -c jobs/demo.yaml
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+clean:
+	rm -rf runs data/demo

@@ -1,0 +1,3 @@
+"""ST++ semi-supervised semantic segmentation, distributed with Ray."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,81 @@
+"""Model weight files: the K ST++ checkpoints, final and best models.
+
+A weight file is a plain dict of tensors and primitives, loaded with
+``torch.load(weights_only=True)``: no pickled code is ever executed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .models import build_model
+
+ARCH_KEYS = ("name", "backbone", "output_stride", "aspp_channels", "num_classes")
+
+
+class CheckpointError(ValueError):
+    """A weight file that cannot be used; the message names the file."""
+
+
+def architecture(model_cfg, num_classes: int) -> dict[str, Any]:
+    """The fields that decide a model's shape, as stored in every weight file."""
+    return {
+        "name": model_cfg.name,
+        "backbone": model_cfg.backbone,
+        "output_stride": model_cfg.output_stride,
+        "aspp_channels": model_cfg.aspp_channels,
+        "num_classes": num_classes,
+    }
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare model inside a DistributedDataParallel wrapper."""
+    return getattr(model, "module", model)
+
+
+def save_weights(path: str | Path, model: torch.nn.Module, arch: dict, **meta: Any) -> None:
+    """Write weights atomically (temp file + rename), so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save({"format": "stpp_ray.weights/1", "arch": dict(arch), "meta": meta, "model": state}, tmp)
+    os.replace(tmp, path)
+
+
+def read_weights(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same message
+        raise CheckpointError(f"{path}: not a readable stpp_ray checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(blob, dict) or blob.get("format") != "stpp_ray.weights/1":
+        raise CheckpointError(f"{path}: not an stpp_ray weight file (no 'format: stpp_ray.weights/1' entry)")
+    return blob
+
+
+def load_model(path: str | Path, expect_arch: dict | None = None) -> tuple[torch.nn.Module, dict]:
+    """Rebuild the model a weight file describes; `expect_arch` guards against mix-ups."""
+    blob = read_weights(path)
+    arch = blob["arch"]
+    if expect_arch is not None:
+        diff = {k: (arch.get(k), expect_arch[k]) for k in ARCH_KEYS if arch.get(k) != expect_arch[k]}
+        if diff:
+            detail = ", ".join(f"{k}: file has {a!r}, config wants {b!r}" for k, (a, b) in diff.items())
+            raise CheckpointError(f"{path}: checkpoint is for another model ({detail})")
+    model = build_model(
+        arch["name"], arch["backbone"], arch["num_classes"],
+        output_stride=arch["output_stride"], aspp_channels=arch["aspp_channels"],
+    )
+    try:
+        model.load_state_dict(blob["model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: weights do not fit the architecture it names: {str(err)[:300]}") from None
+    model.eval()
+    return model, blob

@@ -1,0 +1,84 @@
+"""`stpp-ray` command line: demo-data, run, predict."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+
+
+def _cmd_demo_data(args: argparse.Namespace) -> int:
+    from .demo_data import generate_demo_dataset
+
+    out = generate_demo_dataset(args.out, seed=args.seed)
+    print(f"demo dataset written to {out}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .pipeline import Pipeline
+
+    cfg = load_config(args.config, args.overrides)
+    report = Pipeline(cfg).run()
+    out = Path(cfg.run.output_dir).resolve()
+    teacher, final = report["teacher"].get("miou"), report["final"].get("miou")
+    print(f"\n{cfg.method}: teacher val mIoU {100 * teacher:.2f}, final ({report['final']['stage']}) "
+          f"val mIoU {100 * final:.2f}\nreport: {out / 'report.md'}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from .predict import predict_images
+
+    rows = predict_images(args.checkpoint, args.images, args.out, tta=args.tta, device=args.device)
+    for row in rows:
+        print(f"{row['image']} -> {row['mask']}, {row['overlay']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stpp-ray", description="ST++ semi-supervised segmentation on Ray.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo-data", help="write the embedded demo dataset (VOC layout)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    p.set_defaults(func=_cmd_demo_data)
+
+    p = sub.add_parser("run", help="run the pipeline of the config's method (supervised, st, stpp)")
+    p.add_argument("-c", "--config", required=True, help="YAML config file (see jobs/)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=10")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("predict", help="write masks and colour overlays for images")
+    p.add_argument("--checkpoint", required=True, help="a weight file (e.g. RUN/student2/final.pt)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--tta", action="store_true", help="multi-scale + flip test-time augmentation")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("images", nargs="+", help="image files")
+    p.set_defaults(func=_cmd_predict)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted: rerun the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - one readable line unless --debug
+        if debug:
+            traceback.print_exc()
+        else:
+            print(f"error: {err}\n(run with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""Typed run configuration: pydantic models, YAML loading and dotted overrides.
+
+Every field carries a description; the README's configuration reference is generated
+from them (``stpp_ray.config.reference_markdown``) and a test keeps the two in sync.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+METHODS = ("supervised", "st", "stpp")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the file and the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    layout: Literal["voc", "cityscapes", "folder"] = Field(
+        "voc", description="Dataset layout on disk: `voc`, `cityscapes` or `folder` (images/, masks/, split lists)."
+    )
+    root: str = Field(
+        "data/demo",
+        description="Dataset root directory. Relative paths are relative to the current directory.",
+    )
+    num_classes: int = Field(21, ge=2, le=255, description="Number of classes, background included (255 is the ignore label).")
+    labeled_split: str = Field(
+        "ImageSets/Segmentation/1_16/labeled.txt",
+        description="Split list of labeled training images (one id per line), relative to `data.root` unless absolute.",
+    )
+    unlabeled_split: str = Field(
+        "ImageSets/Segmentation/1_16/unlabeled.txt",
+        description="Split list of unlabeled training images; their masks, if any, are never read.",
+    )
+    val_split: str = Field("ImageSets/Segmentation/val.txt", description="Split list of validation images (with masks).")
+    crop_size: int = Field(321, ge=8, description="Square training crop after random scaling (321 for VOC, 721 for Cityscapes in the paper).")
+    demo: bool = Field(
+        False,
+        description="Generate the embedded demo dataset at `data.root` if it is missing (see `stpp-ray demo-data`).",
+    )
+    demo_seed: int = Field(0, description="Seed of the generated demo dataset (only with `data.demo`).")
+    demo_num_train: int = Field(512, ge=16, description="Training-pool size of the generated demo dataset.")
+    demo_num_val: int = Field(128, ge=1, description="Validation-set size of the generated demo dataset.")
+    demo_image_size: int = Field(64, ge=16, description="Side length of the generated demo images.")
+    check_images: bool = Field(
+        True,
+        description="Read and validate every image and mask before training starts (stops on the first bad file set).",
+    )
+
+
+class ModelConfig(_Section):
+    name: Literal["deeplabv3plus"] = Field("deeplabv3plus", description="Segmentation architecture.")
+    backbone: Literal["resnet18", "resnet50", "resnet101", "mobilenet_v3_large"] = Field(
+        "resnet50", description="Backbone network (torchvision)."
+    )
+    output_stride: Literal[8, 16] = Field(16, description="Backbone output stride (8 or 16), via dilated convolutions.")
+    pretrained: str = Field(
+        "none",
+        description="Backbone weights: `none`, `imagenet` (torchvision download, needs internet), or a local state-dict path.",
+    )
+    aspp_channels: int = Field(256, ge=8, description="Width of the ASPP and decoder (256 in the paper).")
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(80, ge=1, description="Epochs of each training stage (teacher and students).")
+    batch_size: int = Field(
+        16, ge=1, description="Global batch size, whatever the worker count; each worker gets batch_size / ray.num_workers."
+    )
+    lr: float = Field(0.001, gt=0, description="Backbone learning rate (the paper: 0.001 x batch/16 for VOC, 0.004 for Cityscapes).")
+    head_lr_multiplier: float = Field(10.0, gt=0, description="Learning-rate multiplier of the non-backbone (head) parameters.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+    weight_decay: float = Field(1e-4, ge=0, description="SGD weight decay.")
+    poly_power: float = Field(0.9, ge=0, description="Power of the poly learning-rate decay over all iterations.")
+    eval_interval: int = Field(
+        1, ge=0, description="Validate every N epochs (the last epoch is always validated); 0 validates only the last."
+    )
+    eval_batch_size: int = Field(
+        1, ge=1, description="Validation batch per worker; >1 only when all validation images share one size."
+    )
+    loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per training worker (0 = in-process).")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Training device: `auto` follows `ray.use_gpu`."
+    )
+    amp: bool = Field(False, description="Mixed precision (bfloat16 autocast) on CUDA; ignored on CPU.")
+    max_failures: int = Field(
+        2, ge=0, description="Worker-group restarts Ray Train allows per stage; each resumes from the last epoch checkpoint."
+    )
+
+
+class SelectionConfig(_Section):
+    reliable_fraction: float = Field(0.5, gt=0, le=1, description="R: fraction of unlabeled images kept as reliable (top by stability).")
+    num_checkpoints: int = Field(3, ge=1, description="K: teacher checkpoints at epochs floor(i*E/K), i=1..K, for stability scoring.")
+
+
+class LabelConfig(_Section):
+    teacher: Literal["final", "best"] = Field(
+        "final",
+        description="Checkpoint that pseudo-labels: `final` (default) or `best` on validation (leaks validation labels, as the reference code).",
+    )
+    tta: bool = Field(False, description="Test-time augmentation for pseudo-labels: scales x {identity, hflip}, softmax summed.")
+    tta_scales: list[float] = Field(
+        [0.5, 0.75, 1.0, 1.5, 2.0], description="Scales of the test-time augmentation."
+    )
+    batch_size: int = Field(16, ge=1, description="Images per Ray Data batch in the labeling pass.")
+    min_actors: int = Field(1, ge=1, description="Minimum size of the labeling actor pool.")
+    max_actors: int = Field(0, ge=0, description="Maximum size of the labeling actor pool (0 = as many as the cluster's CPUs/GPUs allow).")
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs per labeling actor (its torch threads) on CPU clusters.")
+    gpus_per_actor: float = Field(1.0, ge=0, description="GPUs per labeling actor when `ray.use_gpu`.")
+    rows_per_file: int = Field(256, ge=1, description="Target rows per Parquet shard.")
+
+
+class RayConfig(_Section):
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks) per training stage.")
+    use_gpu: bool = Field(False, description="One GPU per Train worker (NCCL backend) and GPUs for labeling actors.")
+    address: str = Field("", description="Ray cluster address; empty starts or joins a local instance (RAY_ADDRESS is honoured).")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per Train worker; its torch threads follow it.")
+    local_num_cpus: int = Field(0, ge=0, description="Logical CPUs of a locally started Ray (0 = this machine's cores).")
+
+
+class RunSection(_Section):
+    output_dir: str = Field("runs/demo", description="Run directory: report, checkpoints, pseudo-labels, manifest.")
+    seed: int = Field(0, description="Seed of initialisation, data order and augmentation.")
+
+
+class Config(_Section):
+    method: Literal["supervised", "st", "stpp"] = Field("stpp", description="Pipeline: `supervised` (SupOnly), `st` or `stpp`.")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    label: LabelConfig = Field(default_factory=LabelConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    run: RunSection = Field(default_factory=RunSection)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Config":
+        if self.selection.num_checkpoints > self.train.epochs:
+            raise ValueError(
+                f"selection.num_checkpoints (K={self.selection.num_checkpoints}) must not exceed "
+                f"train.epochs ({self.train.epochs}): checkpoints are saved at distinct epochs"
+            )
+        if self.train.batch_size % self.ray.num_workers:
+            raise ValueError(
+                f"train.batch_size ({self.train.batch_size}) must be divisible by ray.num_workers "
+                f"({self.ray.num_workers}): the global batch is split evenly across workers"
+            )
+        if self.train.device == "cuda" and not self.ray.use_gpu:
+            raise ValueError("train.device=cuda needs ray.use_gpu=true (Ray must assign GPUs to the workers)")
+        return self
+
+    def checkpoint_epochs(self) -> list[int]:
+        """The K ST++ checkpoint epochs (1-based): floor(i * E / K) for i = 1..K."""
+        return checkpoint_epochs(self.train.epochs, self.selection.num_checkpoints)
+
+    def fingerprint(self, *sections: str) -> str:
+        """Stable hash of the given top-level sections (or dotted keys) of this config."""
+        dumped = self.model_dump()
+        picked = {name: _get_dotted(dumped, name) for name in sections}
+        blob = json.dumps(picked, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def checkpoint_epochs(epochs: int, k: int) -> list[int]:
+    """Evenly spaced checkpoint epochs floor(i*E/K), i=1..K; the last is E."""
+    return [(i * epochs) // k for i in range(1, k + 1)]
+
+
+def _get_dotted(d: dict, key: str) -> Any:
+    for part in key.split("."):
+        d = d[part]
+    return d
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Split ``a.b=value``; the value is parsed as YAML (numbers, booleans, lists)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.epochs=10)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Set dotted keys in a nested dict; unknown keys are caught later by validation."""
+    for item in overrides:
+        key, value = parse_override(item)
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        lines.append(f"  {key}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "extra_forbidden" and not isinstance(e.get("input"), dict) else ""))
+    return "\n".join(lines)
+
+
+def config_from_dict(raw: dict, source: str = "<dict>") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config and apply dotted ``key=value`` overrides; errors name the file and key."""
+    raw: dict = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    overrides = list(overrides)
+    raw = apply_overrides(raw, overrides)
+    if overrides:
+        source += " with overrides " + " ".join(overrides)
+    return config_from_dict(raw, source)
+
+
+def reference_markdown() -> str:
+    """The configuration reference (README) generated from the field descriptions."""
+    lines = ["| key | default | description |", "|---|---|---|"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name}.")
+                continue
+            default = field.get_default(call_default_factory=True)
+            lines.append(f"| `{prefix}{name}` | `{json.dumps(default)}` | {field.description} |")
+
+    walk(Config, "")
+    return "\n".join(lines)

@@ -1,0 +1,220 @@
+"""Training, evaluation and prediction over plain PyTorch iterables (no Ray here).
+
+Distribution is visible in two places only: the `GlobalBatchSampler`, which gives each
+rank its slice of the same global batch, and the loss normalisation, which divides by
+the pixel count of the whole global batch. Together they make a step with W workers
+equal to a step with one worker at the same global batch size.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import Dataset, Sampler
+
+from .augment import normalize, strong_augment, to_tv, weak_augment
+from .datasets import decode_mask_png, read_image, read_mask
+from .losses import cross_entropy_sum
+from .metrics import ConfusionMatrix
+
+
+@dataclass(frozen=True)
+class TrainItem:
+    """One training image: a labeled mask on disk or a pseudo-label as PNG bytes."""
+
+    image_id: str
+    image_path: str
+    mask_path: str | None = None
+    mask_png: bytes | None = None
+    strong: bool = False
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """Per-sample augmentation seed: independent of which worker loads the sample."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+class TrainSet(Dataset):
+    """Weak augmentation for every item, strong augmentation on top for pseudo-labeled ones."""
+
+    def __init__(self, items: Sequence[TrainItem], layout: str, crop_size: int, seed: int):
+        self.items = list(items)
+        self.layout = layout
+        self.seed = seed
+        self.epoch = 0
+        self.weak = weak_augment(crop_size)
+        self.strong = strong_augment(crop_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _mask(self, item: TrainItem) -> np.ndarray:
+        if item.mask_png is not None:
+            return decode_mask_png(item.mask_png)
+        return read_mask(item.mask_path, self.layout)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        item = self.items[index]
+        image, mask = to_tv(read_image(item.image_path), self._mask(item))
+        torch.manual_seed(sample_seed(self.seed, self.epoch, index))
+        image, mask = self.weak(image, mask)
+        if item.strong:
+            image, mask = self.strong(image, mask)
+        return normalize(image.as_subclass(torch.Tensor)), mask.as_subclass(torch.Tensor).long()
+
+
+class EvalSet(Dataset):
+    """Full-size validation images with their masks."""
+
+    def __init__(self, samples: Sequence, layout: str):
+        self.samples = list(samples)
+        self.layout = layout
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.samples[index]
+        image = torch.from_numpy(read_image(s.image_path)).permute(2, 0, 1).contiguous()
+        mask = torch.from_numpy(read_mask(s.mask_path, self.layout)).long()
+        return normalize(image), mask
+
+
+class GlobalBatchSampler(Sampler[list[int]]):
+    """Yields this rank's share of each global batch of one seeded permutation.
+
+    The permutation and the cut into global batches depend only on (seed, epoch,
+    dataset size, global batch), so the union over ranks is the same global batch
+    whatever the world size. Incomplete last batches are dropped, as in ST++.
+    """
+
+    def __init__(self, size: int, global_batch: int, rank: int, world_size: int, seed: int):
+        if global_batch % world_size:
+            raise ValueError(f"global batch {global_batch} is not divisible by {world_size} workers")
+        if size < global_batch:
+            raise ValueError(f"{size} training images are fewer than one global batch of {global_batch}")
+        self.size, self.global_batch = size, global_batch
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size // self.global_batch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.size, generator=g).tolist()
+        per_rank = self.global_batch // self.world_size
+        for b in range(len(self)):
+            start = b * self.global_batch + self.rank * per_rank
+            yield order[start:start + per_rank]
+
+
+def build_optimizer(model: torch.nn.Module, backbone_params, head_params, lr: float, head_lr_multiplier: float,
+                    momentum: float, weight_decay: float) -> torch.optim.SGD:
+    """SGD with the paper's 10x learning rate on the head."""
+    groups = [
+        {"params": list(backbone_params), "lr": lr, "initial_lr": lr},
+        {"params": list(head_params), "lr": lr * head_lr_multiplier, "initial_lr": lr * head_lr_multiplier},
+    ]
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def poly_scheduler(optimizer: torch.optim.Optimizer, total_iters: int, power: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """lr = initial_lr * (1 - it / total) ** power, stepped once per iteration."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda it: max(0.0, 1.0 - it / max(1, total_iters)) ** power
+    )
+
+
+def _is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _global_sum(value: torch.Tensor) -> torch.Tensor:
+    if _is_distributed():
+        value = value.clone()
+        dist.all_reduce(value)
+    return value
+
+
+def train_one_epoch(model, loader: Iterable, optimizer, scheduler, device: torch.device,
+                    amp: bool = False) -> dict[str, float]:
+    """One pass over `loader`; the loss is the mean over the valid pixels of the global batch."""
+    model.train()
+    world = dist.get_world_size() if _is_distributed() else 1
+    loss_total = torch.zeros((), dtype=torch.float64)
+    pixels_total = torch.zeros((), dtype=torch.float64)
+    images = 0
+    start = time.perf_counter()
+    for image, mask in loader:
+        image = image.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        mask = mask.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+            logits = model(image)
+        loss_sum, count = cross_entropy_sum(logits, mask)
+        global_count = _global_sum(count.to(torch.float64)).clamp_min(1.0)
+        # DDP averages gradients over ranks, hence the world factor: the result is
+        # the gradient of (sum of all ranks' pixel losses) / (global pixel count).
+        loss = loss_sum * (world / global_count.to(loss_sum.dtype))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        loss_total += loss_sum.detach().double().cpu()
+        pixels_total += count.detach().double().cpu()
+        images += image.shape[0]
+    seconds = time.perf_counter() - start
+    stats = torch.stack([loss_total, pixels_total, torch.tensor(float(images), dtype=torch.float64)])
+    stats = _global_sum(stats.to(device)).cpu()
+    return {
+        "loss": float(stats[0] / stats[1].clamp_min(1.0)),
+        "images": int(stats[2]),
+        "seconds": seconds,
+        "images_per_s": float(stats[2]) / seconds if seconds > 0 else math.nan,
+        "lr": optimizer.param_groups[0]["lr"],
+    }
+
+
+@torch.inference_mode()
+def evaluate(model, loader: Iterable, num_classes: int, device: torch.device) -> ConfusionMatrix:
+    """Confusion matrix over `loader`, summed across ranks when distributed."""
+    model.eval()
+    cm = ConfusionMatrix(num_classes)
+    for image, mask in loader:
+        logits = model(image.to(device).contiguous(memory_format=torch.channels_last))
+        cm.update(logits.argmax(1).cpu(), mask)
+    cm.all_reduce()
+    return cm
+
+
+@torch.inference_mode()
+def predict_probs(model, image: torch.Tensor, scales: Sequence[float] = (1.0,), flip: bool = False) -> torch.Tensor:
+    """Softmax probabilities B x C x H x W, summed over scales (and horizontal flips)."""
+    model.eval()
+    h, w = image.shape[-2:]
+    total = None
+    for scale in scales:
+        x = image if scale == 1.0 else F.interpolate(image, scale_factor=scale, mode="bilinear", align_corners=False)
+        views = [x, x.flip(-1)] if flip else [x]
+        for i, view in enumerate(views):
+            logits = model(view.contiguous(memory_format=torch.channels_last))
+            if i == 1:
+                logits = logits.flip(-1)
+            if logits.shape[-2:] != (h, w):
+                logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+            probs = logits.float().softmax(1)
+            total = probs if total is None else total + probs
+    return total

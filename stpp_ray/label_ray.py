@@ -1,0 +1,83 @@
+"""Ray Data glue: score and pseudo-label unlabeled images into Parquet shards.
+
+images (id, path) -> map_batches(Labeler actors holding all checkpoints) -> Parquet.
+The shards are written to `<out>.partial` and renamed to `<out>` only once every
+image is present exactly once, so a half-written stage is never mistaken for a
+finished one.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+
+import ray
+import ray.data
+
+from .config import Config
+from .labeling import Labeler
+from .pseudo import SCHEMA, check_complete, read_table
+
+
+class ArrowLabeler(Labeler):
+    """The `Labeler` returning Arrow tables with the fixed shard schema."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        return pa.Table.from_pydict(super().__call__(batch), schema=SCHEMA)
+
+
+def actor_pool_bounds(cfg: Config) -> tuple[int, int]:
+    """Autoscaling bounds of the labeling actor pool from the cluster's resources."""
+    resources = ray.cluster_resources()  # Ray: total CPUs/GPUs of the cluster, all nodes
+    if cfg.ray.use_gpu:
+        fit = int(resources.get("GPU", 0) // max(cfg.label.gpus_per_actor, 1e-6))
+    else:
+        fit = int(resources.get("CPU", 1) // cfg.label.cpus_per_actor)
+    upper = cfg.label.max_actors or max(1, fit)
+    lower = min(cfg.label.min_actors, upper)
+    return lower, upper
+
+
+def run_labeling(cfg: Config, images: Sequence[tuple[str, str]], checkpoint_paths: Sequence[str],
+                 label_checkpoint: str, out_dir: Path, expect_arch: dict | None = None) -> dict:
+    """Label `images` ((id, path) pairs) into `out_dir`; returns timing and counts."""
+    out_dir = Path(out_dir)
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    lower, upper = actor_pool_bounds(cfg)
+    batch_size = cfg.label.batch_size
+    start = time.perf_counter()
+    rows = [{"image_id": i, "image_path": p} for i, p in images]
+    blocks = max(1, min(len(rows), math.ceil(len(rows) / batch_size)))
+    ds = ray.data.from_items(rows, override_num_blocks=blocks)  # Ray Data: one block per batch
+    gpu = cfg.ray.use_gpu
+    ds = ds.map_batches(  # Ray Data: an autoscaling pool of actors, each loading the checkpoints once
+        ArrowLabeler,
+        fn_constructor_kwargs={
+            "checkpoint_paths": list(checkpoint_paths),
+            "label_checkpoint": label_checkpoint,
+            "tta": cfg.label.tta,
+            "tta_scales": cfg.label.tta_scales,
+            "device": "cuda" if gpu else "cpu",
+            "num_threads": 0 if gpu else max(1, round(cfg.label.cpus_per_actor)),
+            "expect_arch": expect_arch,
+        },
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=lower, max_size=upper),
+        num_cpus=0 if gpu else cfg.label.cpus_per_actor,
+        num_gpus=cfg.label.gpus_per_actor if gpu else 0,
+    )
+    ds.write_parquet(str(partial), min_rows_per_file=cfg.label.rows_per_file)  # Ray Data: shards in parallel
+    check_complete(read_table(partial, ["image_id"]), [i for i, _ in images], str(partial))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    partial.rename(out_dir)
+    wall = time.perf_counter() - start
+    return {"images": len(rows), "wall_s": wall, "images_per_s": len(rows) / wall if wall else None,
+            "actors": [lower, upper], "shards": len(list(out_dir.glob("*.parquet")))}

@@ -1,0 +1,74 @@
+"""Pseudo-label Parquet shards: schema, reading, and the training items built from them.
+
+Columns (DESIGN.md contract, plus extras): `image_id`, `mask_png` (PNG-encoded uint8
+mask), `stability` (NaN where not computed), `ckpt_miou` (IoU of each earlier
+checkpoint's prediction vs the final one), `ckpt_epochs` (their epochs), `confidence`
+(mean max softmax probability), `entropy` (mean pixel entropy, nats), `height`, `width`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+
+from .engine import TrainItem
+
+SCHEMA = pa.schema([
+    ("image_id", pa.string()),
+    ("mask_png", pa.binary()),
+    ("stability", pa.float64()),
+    ("ckpt_miou", pa.list_(pa.float64())),
+    ("ckpt_epochs", pa.list_(pa.int32())),
+    ("confidence", pa.float64()),
+    ("entropy", pa.float64()),
+    ("height", pa.int32()),
+    ("width", pa.int32()),
+])
+
+
+class PseudoLabelError(ValueError):
+    """Pseudo-label shards that are missing, incomplete or inconsistent."""
+
+
+def read_table(parquet_dir: str | Path, columns: list[str] | None = None) -> pa.Table:
+    """All shards of one labeling stage as one table."""
+    parquet_dir = Path(parquet_dir)
+    files = sorted(parquet_dir.glob("*.parquet"))
+    if not files:
+        raise PseudoLabelError(f"no Parquet shards in {parquet_dir}")
+    return pads.dataset([str(f) for f in files], format="parquet").to_table(columns=columns)
+
+
+def check_complete(table: pa.Table, expected_ids: list[str], where: str) -> None:
+    """Every expected image exactly once, nothing else."""
+    ids = table.column("image_id").to_pylist()
+    seen: dict[str, int] = {}
+    for i in ids:
+        seen[i] = seen.get(i, 0) + 1
+    dup = sorted(i for i, n in seen.items() if n > 1)
+    missing = sorted(set(expected_ids) - seen.keys())
+    extra = sorted(seen.keys() - set(expected_ids))
+    if dup or missing or extra:
+        raise PseudoLabelError(
+            f"{where}: pseudo-labels incomplete: {len(missing)} missing, {len(dup)} duplicated, "
+            f"{len(extra)} unexpected (e.g. {(missing + dup + extra)[:3]})"
+        )
+
+
+def read_pseudo_items(parquet_dir: str | Path, image_paths: Mapping[str, str]) -> list[TrainItem]:
+    """Training items for the given images, masks taken from the shards; strong augmentation on."""
+    table = read_table(parquet_dir, ["image_id", "mask_png"])
+    masks = dict(zip(table.column("image_id").to_pylist(), table.column("mask_png").to_pylist()))
+    missing = [i for i in image_paths if i not in masks]
+    if missing:
+        raise PseudoLabelError(f"{parquet_dir}: no pseudo-label for {len(missing)} images (e.g. {missing[:3]})")
+    return [TrainItem(i, path, mask_png=masks[i], strong=True) for i, path in sorted(image_paths.items())]
+
+
+def scores(parquet_dir: str | Path) -> dict[str, float]:
+    """Stability score per image id."""
+    table = read_table(parquet_dir, ["image_id", "stability"])
+    return dict(zip(table.column("image_id").to_pylist(), table.column("stability").to_pylist()))

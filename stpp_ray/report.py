@@ -1,0 +1,147 @@
+"""`report.json`, `report.md` and the pictures of a run directory."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from .config import Config
+
+FINAL_STAGE = {"supervised": "teacher", "st": "student", "stpp": "student2"}
+VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+               "tvmonitor")
+CITYSCAPES_CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+                      "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
+                      "bicycle")
+
+
+def class_names(cfg: Config) -> list[str]:
+    """Readable class names where the layout defines them, else class_<i>."""
+    n = cfg.data.num_classes
+    if cfg.data.demo:
+        from .demo_data import DEMO_CLASSES
+        if len(DEMO_CLASSES) == n:
+            return list(DEMO_CLASSES)
+    known = {"voc": VOC_CLASSES, "cityscapes": CITYSCAPES_CLASSES}.get(cfg.data.layout)
+    if known is not None and len(known) == n:
+        return list(known)
+    return [f"class_{i}" for i in range(n)]
+
+
+def _model_summary(result: dict | None) -> dict:
+    if not result:
+        return {}
+    keys = ("miou", "best_miou", "per_class_iou", "wall_s", "epochs", "train_images_per_s", "final_checkpoint")
+    return {k: result.get(k) for k in keys}
+
+
+def _selection_summary(cfg: Config, results: dict, run_dir: Path) -> dict | None:
+    sel = results.get("select")
+    if not sel:
+        return None
+    from .plots import score_histogram, score_histogram_counts
+    from .pseudo import scores
+
+    score_by_id = scores(results["label_teacher"]["parquet_dir"])
+    reliable = sel["reliable"]
+    threshold = min((score_by_id[i] for i in reliable), default=None)
+    values = list(score_by_id.values())
+    score_histogram(values, run_dir / "stability_histogram.png", threshold=threshold,
+                    title=f"Stability scores (R={cfg.selection.reliable_fraction}, K={cfg.selection.num_checkpoints})")
+    finite = [v for v in values if not math.isnan(v)]
+    return {
+        "reliable": len(reliable), "unreliable": len(sel["unreliable"]), "threshold": threshold,
+        "score_mean": sum(finite) / len(finite) if finite else None,
+        "histogram": score_histogram_counts(values),
+        "picture": "stability_histogram.png",
+    }
+
+
+def _pseudo_label_grid(results: dict, image_paths: dict[str, str], out_png: Path) -> None:
+    from .datasets import decode_mask_png, read_image
+    from .plots import pseudo_label_grid
+    from .pseudo import read_table
+
+    table = read_table(results["label_teacher"]["parquet_dir"], ["image_id", "mask_png", "stability"]).to_pylist()
+    reliable = set(results["select"]["reliable"])
+    ranked = sorted(table, key=lambda r: (-r["stability"], r["image_id"]))
+    picked = [r for r in ranked if r["image_id"] in reliable][:8] + [r for r in ranked if r["image_id"] not in reliable][-8:]
+    rows = [{"image": read_image(image_paths[r["image_id"]]), "mask": decode_mask_png(r["mask_png"]),
+             "image_id": r["image_id"], "score": r["stability"], "reliable": r["image_id"] in reliable} for r in picked]
+    pseudo_label_grid(rows, out_png, title="Teacher pseudo-labels: most and least stable images")
+
+
+def _pictures(cfg: Config, results: dict, run_dir: Path, names: list[str], final_stage: str,
+              image_paths: dict[str, str]) -> list[str]:
+    from .plots import per_class_iou_chart
+
+    made = []
+    teacher, final = results.get("teacher"), results.get(final_stage)
+    if teacher and final and final_stage != "teacher":
+        per_class_iou_chart(names, {"teacher (SupOnly)": teacher["per_class_iou"],
+                                    f"final ({final_stage})": final["per_class_iou"]},
+                            run_dir / "per_class_iou.png", title="Per-class IoU on the validation set")
+        made.append("per_class_iou.png")
+    if results.get("select"):
+        _pseudo_label_grid(results, image_paths, run_dir / "pseudo_labels_grid.png")
+        made.append("pseudo_labels_grid.png")
+    return made
+
+
+def write_report(cfg: Config, run_dir: Path, results: dict, timeline: list[dict], partial: bool,
+                 image_paths: dict[str, str] | None = None) -> dict:
+    """Write report.json and report.md (pictures only once the run is complete)."""
+    final_stage = FINAL_STAGE[cfg.method]
+    names = class_names(cfg)
+    report = {
+        "method": cfg.method,
+        "status": "partial" if partial else "complete",
+        "teacher": _model_summary(results.get("teacher")),
+        "final": {"stage": final_stage, **_model_summary(results.get(final_stage))},
+        "stages": timeline,
+        "total_wall_s": sum(s.get("wall_s") or 0.0 for s in timeline if not s.get("reused")),
+        "class_names": names,
+        "labeling": {k: v for k, v in results.items() if k.startswith("label_")},
+        "config": cfg.model_dump(),
+    }
+    if not partial:
+        report["selection"] = _selection_summary(cfg, results, run_dir)
+        report["pictures"] = _pictures(cfg, results, run_dir, names, final_stage, image_paths or {})
+    tmp = run_dir / "report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2, default=str))
+    os.replace(tmp, run_dir / "report.json")
+    (run_dir / "report.md").write_text(render_markdown(report))
+    return report
+
+
+def _pct(v) -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}"
+
+
+def render_markdown(report: dict) -> str:
+    lines = [f"# stpp_ray run: {report['method']} ({report['status']})", ""]
+    lines += [f"- teacher (SupOnly) val mIoU: **{_pct(report['teacher'].get('miou'))}**",
+              f"- final model ({report['final']['stage']}) val mIoU: **{_pct(report['final'].get('miou'))}**",
+              f"- compute wall time this invocation: {report['total_wall_s']:.1f} s", ""]
+    lines += ["## Stages", "", "| stage | wall s | val mIoU | images/s | reused |", "|---|---|---|---|---|"]
+    for s in report["stages"]:
+        ips = s.get("train_images_per_s", s.get("images_per_s"))
+        lines.append(f"| {s['name']} | {s.get('wall_s', 0):.1f} | {_pct(s.get('miou'))} | "
+                     f"{'' if ips is None else f'{ips:.1f}'} | {'yes' if s.get('reused') else ''} |")
+    sel = report.get("selection")
+    if sel:
+        lines += ["", "## Selection", "",
+                  f"{sel['reliable']} reliable / {sel['unreliable']} unreliable images; "
+                  f"lowest reliable stability score {sel['threshold']:.3f}.", "",
+                  f"![stability histogram]({sel['picture']})"]
+    teacher_iou, final_iou = report["teacher"].get("per_class_iou"), report["final"].get("per_class_iou")
+    if teacher_iou and final_iou:
+        lines += ["", "## Per-class IoU", "", "| class | teacher | final |", "|---|---|---|"]
+        for name, t, f in zip(report["class_names"], teacher_iou, final_iou):
+            lines.append(f"| {name} | {_pct(t)} | {_pct(f)} |")
+    for pic in report.get("pictures", []):
+        lines += ["", f"![{pic}]({pic})"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,236 @@
+"""Ray Train glue: one training stage (teacher or student) as a `TorchTrainer` run.
+
+`train_loop_per_worker` is plain PyTorch around the engine; the Ray calls are the
+context (rank, world size, device), `get_checkpoint` for resume and `report` for
+metrics and checkpoints. The driver side is `fit_stage`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+import ray.train
+import ray.train.torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from .checkpoints import architecture, save_weights
+from .config import Config
+from .datasets import Sample
+from .engine import EvalSet, GlobalBatchSampler, TrainItem, TrainSet, build_optimizer, evaluate, poly_scheduler, train_one_epoch
+from .models import build_model, convert_batchnorm_for_distributed, split_parameters
+from .pseudo import read_pseudo_items
+
+FAULT_MARKER = ".fault_injected"
+
+
+@dataclass
+class StageSpec:
+    """What one training stage trains on and where it writes (all paths absolute)."""
+
+    name: str
+    stage_dir: str
+    fingerprint: str
+    labeled: list[list[str]]                    # [image_id, image_path, mask_path]
+    val: list[list[str]]                        # [image_id, image_path, mask_path]
+    pseudo: list[dict] = field(default_factory=list)   # {"parquet_dir", "image_paths": {id: path}}
+    checkpoint_epochs: list[int] = field(default_factory=list)
+    fault_epoch: int = 0                        # tests only: kill one worker once at this epoch
+
+
+def build_train_items(spec: StageSpec) -> list[TrainItem]:
+    """Labeled items repeated to balance the pseudo-labeled ones (as ST++), then pseudo items."""
+    labeled = [TrainItem(i, img, mask) for i, img, mask in spec.labeled]
+    pseudo: list[TrainItem] = []
+    for source in spec.pseudo:
+        pseudo.extend(read_pseudo_items(source["parquet_dir"], source["image_paths"]))
+    if pseudo and labeled:
+        repeat = -(-len(pseudo) // len(labeled))
+        labeled = labeled * repeat
+    return labeled + pseudo
+
+
+def _device(cfg: Config) -> torch.device:
+    if cfg.ray.use_gpu:
+        return ray.train.torch.get_device()
+    return torch.device("cpu")
+
+
+def _write_metrics(stage_dir: Path, record: dict) -> None:
+    with open(stage_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(stage_dir: Path, last_epoch: int) -> None:
+    """Drop metric lines of epochs that will be trained again after a resume."""
+    path = stage_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["epoch"] <= last_epoch]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def _should_eval(epoch: int, epochs: int, interval: int) -> bool:
+    return epoch == epochs or (interval > 0 and epoch % interval == 0)
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Runs on every Ray Train worker: plain PyTorch DDP training of one stage."""
+    cfg = Config.model_validate(loop_config["config"])
+    spec = StageSpec(**loop_config["stage"])
+    stage_dir = Path(spec.stage_dir)
+    ctx = ray.train.get_context()  # Ray: this worker's rank and the world size
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, round(cfg.ray.cpus_per_worker)))
+    device = _device(cfg)
+
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    model = build_model(cfg.model.name, cfg.model.backbone, cfg.data.num_classes,
+                        output_stride=cfg.model.output_stride, pretrained=cfg.model.pretrained,
+                        aspp_channels=cfg.model.aspp_channels)
+    backbone_params, head_params = split_parameters(model)
+    if world > 1:
+        model = convert_batchnorm_for_distributed(model, device.type)
+    model = model.to(device).to(memory_format=torch.channels_last)
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    train_set = TrainSet(build_train_items(spec), cfg.data.layout, cfg.data.crop_size, cfg.run.seed)
+    per_worker_batch = cfg.train.batch_size // world
+    sampler = GlobalBatchSampler(len(train_set), cfg.train.batch_size, rank, world, cfg.run.seed)
+    loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.train.loader_workers,
+                                         pin_memory=device.type == "cuda", persistent_workers=cfg.train.loader_workers > 0)
+    val_samples = [Sample(i, Path(img), Path(mask)) for i, img, mask in spec.val]
+    val_loader = torch.utils.data.DataLoader(EvalSet(val_samples[rank::world], cfg.data.layout),
+                                             batch_size=cfg.train.eval_batch_size)
+
+    optimizer = build_optimizer(model, backbone_params, head_params, cfg.train.lr, cfg.train.head_lr_multiplier,
+                                cfg.train.momentum, cfg.train.weight_decay)
+    epochs = cfg.train.epochs
+    scheduler = poly_scheduler(optimizer, epochs * len(sampler), cfg.train.poly_power)
+    arch = architecture(cfg.model, cfg.data.num_classes)
+
+    start_epoch, best_miou = 0, -1.0
+    checkpoint = ray.train.get_checkpoint()  # Ray: the latest reported checkpoint after a restart or rerun
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            state = torch.load(Path(ckpt_dir) / "state.pt", map_location="cpu", weights_only=True)
+        getattr(model, "module", model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, best_miou = state["epoch"], state["best_miou"]
+        if rank == 0:
+            print(f"[{spec.name}] resuming after epoch {start_epoch}/{epochs}", flush=True)
+    if rank == 0:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        _truncate_metrics(stage_dir, start_epoch)
+        print(f"[{spec.name}] {len(train_set)} training images, {len(sampler)} steps/epoch, "
+              f"global batch {cfg.train.batch_size} = {world} x {per_worker_batch}, device {device}", flush=True)
+    writer = _tensorboard(stage_dir) if rank == 0 else None
+
+    for epoch in range(start_epoch + 1, epochs + 1):
+        sampler.set_epoch(epoch)
+        train_set.set_epoch(epoch)
+        if spec.fault_epoch == epoch and rank == world - 1 and not (stage_dir / FAULT_MARKER).exists():
+            (stage_dir / FAULT_MARKER).write_text(str(time.time()))
+            os._exit(1)  # simulated crash of one worker process (tests only)
+        stats = train_one_epoch(model, loader, optimizer, scheduler, device, amp=cfg.train.amp)
+        record = {"stage": spec.name, "epoch": epoch, "loss": stats["loss"], "lr": stats["lr"],
+                  "images_per_s": stats["images_per_s"], "train_seconds": stats["seconds"]}
+        if _should_eval(epoch, epochs, cfg.train.eval_interval):
+            cm = evaluate(model, val_loader, cfg.data.num_classes, device)
+            record["val_miou"] = cm.miou()
+            record["val_iou"] = [None if v != v else float(v) for v in cm.iou()]
+        metrics = {k: v for k, v in record.items() if k != "val_iou"}
+        if rank != 0:
+            ray.train.report(metrics)  # Ray: every rank reports each epoch
+            continue
+        miou = record.get("val_miou")
+        if epoch in spec.checkpoint_epochs:
+            save_weights(stage_dir / "checkpoints" / f"epoch_{epoch:03d}.pt", model, arch, epoch=epoch, stage=spec.name)
+        if miou is not None and miou > best_miou:
+            best_miou = miou
+            save_weights(stage_dir / "best.pt", model, arch, epoch=epoch, stage=spec.name, val_miou=miou)
+        if epoch == epochs:
+            save_weights(stage_dir / "final.pt", model, arch, epoch=epoch, stage=spec.name, val_miou=miou)
+        _write_metrics(stage_dir, record)
+        _log_epoch(writer, spec.name, record, epochs)
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save({"model": getattr(model, "module", model).state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "epoch": epoch, "best_miou": best_miou},
+                       Path(tmp) / "state.pt")
+            # Ray: rank 0 reports the resumable state; Ray copies it to the run's storage.
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=f"epoch_{epoch:04d}")
+    if writer is not None:
+        writer.close()
+
+
+def _tensorboard(stage_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is a dependency, but logging must never stop training
+        return None
+    return SummaryWriter(log_dir=str(stage_dir / "tensorboard"))
+
+
+def _log_epoch(writer, stage: str, record: dict, epochs: int) -> None:
+    epoch = record["epoch"]
+    line = f"[{stage}] epoch {epoch}/{epochs} loss {record['loss']:.4f} {record['images_per_s']:.1f} img/s"
+    if "val_miou" in record:
+        line += f" val mIoU {100 * record['val_miou']:.2f}"
+    print(line, flush=True)
+    if writer is not None:
+        for key in ("loss", "lr", "images_per_s", "val_miou"):
+            if key in record:
+                writer.add_scalar(f"{stage}/{key}", record[key], epoch)
+        writer.flush()
+
+
+def fit_stage(cfg: Config, spec: StageSpec, storage_path: Path) -> dict:
+    """Run one training stage on Ray Train; rerunning resumes from its last checkpoint."""
+    resources = {"CPU": cfg.ray.cpus_per_worker}
+    if cfg.ray.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.model_dump(), "stage": asdict(spec)},
+        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+                                     resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
+        run_config=RunConfig(
+            # The fingerprint in the name keeps a changed config from resuming stale state.
+            name=f"{spec.name}-{spec.fingerprint}",
+            storage_path=str(storage_path.resolve()),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    start = time.perf_counter()
+    trainer.fit()
+    wall = time.perf_counter() - start
+    return summarize_stage(Path(spec.stage_dir), wall)
+
+
+def summarize_stage(stage_dir: Path, wall_s: float) -> dict:
+    """Final metrics of a finished stage from its metrics.jsonl."""
+    records = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines() if line]
+    evals = [r for r in records if "val_miou" in r]
+    last = evals[-1] if evals else {}
+    images = sum(r["images_per_s"] * r["train_seconds"] for r in records)
+    seconds = sum(r["train_seconds"] for r in records)
+    return {
+        "wall_s": wall_s,
+        "epochs": len(records),
+        "miou": last.get("val_miou"),
+        "per_class_iou": last.get("val_iou"),
+        "best_miou": max((r["val_miou"] for r in evals), default=None),
+        "train_images_per_s": images / seconds if seconds else None,
+    }

@@ -1,0 +1,379 @@
+"""Tests for stpp_ray.datasets: layouts, split lists, validated reading."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stpp_ray.datasets import (
+    IGNORE_INDEX,
+    LAYOUTS,
+    DatasetError,
+    Sample,
+    build_samples,
+    check_disjoint,
+    check_samples,
+    decode_mask_png,
+    encode_mask_png,
+    read_image,
+    read_mask,
+    read_split,
+    resolve_path,
+)
+
+RNG = np.random.default_rng(0)
+VOC_PALETTE = [c for i in range(256) for c in ((i * 37) % 256, (i * 91) % 256, (i * 53) % 256)]
+
+
+def write_image(path: Path, size=(8, 8), fmt=None) -> np.ndarray:
+    """Write a random RGB image (WxH ``size``) and return its pixels."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = RNG.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, format=fmt)
+    return pixels
+
+
+def write_mask(path: Path, values: np.ndarray, mode="L") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.fromarray(values.astype(np.uint8))
+    if mode == "P":
+        img = img.convert("L")
+        img = Image.frombytes("P", img.size, img.tobytes())
+        img.putpalette(VOC_PALETTE)
+    elif mode == "RGB":
+        img = img.convert("RGB")
+    img.save(path)
+
+
+def label_grid(size=(8, 8), num_classes=3) -> np.ndarray:
+    h, w = size[1], size[0]
+    mask = (np.arange(h * w).reshape(h, w) % num_classes).astype(np.uint8)
+    mask[0, 0] = IGNORE_INDEX
+    return mask
+
+
+def write_split(path: Path, lines: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def make_voc(root: Path, ids=("a", "b", "c")) -> None:
+    for i in ids:
+        write_image(root / "JPEGImages" / f"{i}.jpg")
+        write_mask(root / "SegmentationClass" / f"{i}.png", label_grid(num_classes=21), mode="P")
+    write_split(root / "train.txt", list(ids))
+
+
+def problems_of(excinfo) -> list[str]:
+    return excinfo.value.problems
+
+
+# ---- layouts: good paths ----------------------------------------------------
+
+
+def test_layouts_constant():
+    assert LAYOUTS == ("voc", "cityscapes", "folder")
+
+
+def test_resolve_path(tmp_path):
+    assert resolve_path(tmp_path, "x/y.txt") == tmp_path / "x" / "y.txt"
+    assert resolve_path(tmp_path, "/abs/y.txt") == Path("/abs/y.txt")
+
+
+def test_voc_good(tmp_path):
+    make_voc(tmp_path)
+    samples = build_samples("voc", tmp_path, "train.txt", with_masks=True)
+    assert [s.image_id for s in samples] == ["a", "b", "c"]
+    assert samples[0] == Sample("a", tmp_path / "JPEGImages/a.jpg", tmp_path / "SegmentationClass/a.png")
+    check_samples(samples, num_classes=21, layout="voc")
+    image = read_image(samples[0].image_path)
+    assert image.shape == (8, 8, 3) and image.dtype == np.uint8
+    mask = read_mask(samples[0].mask_path, "voc")
+    np.testing.assert_array_equal(mask, label_grid(num_classes=21))
+
+
+def test_voc_unlabeled_has_no_mask_path(tmp_path):
+    write_image(tmp_path / "JPEGImages" / "u.jpg")
+    write_split(tmp_path / "unlabeled.txt", ["u"])
+    (sample,) = build_samples("voc", tmp_path, "unlabeled.txt", with_masks=False)
+    assert sample.mask_path is None
+    check_samples([sample], num_classes=21, layout="voc")
+
+
+def test_voc_two_column_split(tmp_path):
+    write_image(tmp_path / "imgs" / "x.jpg")
+    write_mask(tmp_path / "labels" / "x.png", label_grid(num_classes=21), mode="P")
+    write_split(tmp_path / "s.txt", ["imgs/x.jpg labels/x.png"])
+    assert read_split(tmp_path, "s.txt") == ["imgs/x.jpg labels/x.png"]
+    (sample,) = build_samples("voc", tmp_path, "s.txt", with_masks=True)
+    assert sample == Sample("x", tmp_path / "imgs/x.jpg", tmp_path / "labels/x.png")
+
+
+def test_voc_grayscale_mask_accepted(tmp_path):
+    path = tmp_path / "m.png"
+    write_mask(path, label_grid(num_classes=21), mode="L")
+    np.testing.assert_array_equal(read_mask(path, "voc"), label_grid(num_classes=21))
+
+
+def test_cityscapes_good_and_label_mapping(tmp_path):
+    image_id = "train/aachen/aachen_000000_000019"
+    write_image(tmp_path / "leftImg8bit" / f"{image_id}_leftImg8bit.png")
+    label_ids = np.array([[7, 8, 11, 26], [33, 0, 1, 255], [31, 24, 4, 6], [23, 21, 22, 34]], dtype=np.uint8)
+    label_ids = np.kron(label_ids, np.ones((2, 2), dtype=np.uint8))  # 8x8
+    write_mask(tmp_path / "gtFine" / f"{image_id}_gtFine_labelIds.png", label_ids)
+    write_split(tmp_path / "splits" / "train.txt", [image_id])
+
+    (sample,) = build_samples("cityscapes", tmp_path, "splits/train.txt", with_masks=True)
+    assert sample.image_id == image_id
+    assert sample.mask_path.name == "aachen_000000_000019_gtFine_labelIds.png"
+    check_samples([sample], num_classes=19, layout="cityscapes")
+    train_ids = read_mask(sample.mask_path, "cityscapes")
+    expected = np.array([[0, 1, 2, 13], [18, 255, 255, 255], [16, 11, 255, 255], [10, 8, 9, 255]], dtype=np.uint8)
+    np.testing.assert_array_equal(train_ids[::2, ::2], expected)
+
+
+def test_folder_good_mixed_extensions(tmp_path):
+    for image_id, ext in [("p", "png"), ("q", "jpeg"), ("r", "bmp"), ("s", "tif")]:
+        write_image(tmp_path / "images" / f"{image_id}.{ext}")
+        write_mask(tmp_path / "masks" / f"{image_id}.png", label_grid(num_classes=4))
+    write_split(tmp_path / "train.txt", ["p", "q", "r", "s"])
+    samples = build_samples("folder", tmp_path, "train.txt", with_masks=True)
+    assert [s.image_path.suffix for s in samples] == [".png", ".jpeg", ".bmp", ".tif"]
+    check_samples(samples, num_classes=4, layout="folder")
+
+
+def test_unknown_layout(tmp_path):
+    make_voc(tmp_path)
+    with pytest.raises(DatasetError, match="unknown dataset layout 'coco'"):
+        build_samples("coco", tmp_path, "train.txt", with_masks=True)
+
+
+# ---- missing files ----------------------------------------------------------
+
+
+def test_build_samples_missing_image_and_mask(tmp_path):
+    make_voc(tmp_path)
+    (tmp_path / "JPEGImages" / "b.jpg").unlink()
+    (tmp_path / "SegmentationClass" / "c.png").unlink()
+    with pytest.raises(DatasetError) as excinfo:
+        build_samples("voc", tmp_path, "train.txt", with_masks=True)
+    msg = str(excinfo.value)
+    assert f"{tmp_path / 'JPEGImages' / 'b.jpg'}: missing image file" in msg
+    assert f"{tmp_path / 'SegmentationClass' / 'c.png'}: missing mask file" in msg
+    # Without masks, the missing mask does not matter.
+    (tmp_path / "train.txt").write_text("a\nc\n")
+    assert len(build_samples("voc", tmp_path, "train.txt", with_masks=False)) == 2
+
+
+def test_folder_missing_image_names_tried_path(tmp_path):
+    write_split(tmp_path / "train.txt", ["nope"])
+    with pytest.raises(DatasetError, match=r"images.nope\.\{jpg,jpeg.*missing image file"):
+        build_samples("folder", tmp_path, "train.txt", with_masks=False)
+
+
+def test_check_samples_missing_file(tmp_path):
+    sample = Sample("z", tmp_path / "z.jpg", tmp_path / "z.png")
+    with pytest.raises(DatasetError) as excinfo:
+        check_samples([sample], num_classes=21, layout="voc")
+    assert problems_of(excinfo) == [f"{tmp_path / 'z.jpg'}: missing image file", f"{tmp_path / 'z.png'}: missing mask file"]
+
+
+# ---- bad images -------------------------------------------------------------
+
+
+def test_read_image_truncated_jpeg(tmp_path):
+    path = tmp_path / "t.jpg"
+    write_image(path, size=(32, 32))
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * 0.6)])
+    with pytest.raises(DatasetError, match=re.escape(f"{path}: unreadable or truncated image")):
+        read_image(path)
+
+
+def test_read_image_zero_byte(tmp_path):
+    path = tmp_path / "empty.jpg"
+    path.write_bytes(b"")
+    with pytest.raises(DatasetError, match=re.escape(f"{path}: empty (zero-byte) image file")):
+        read_image(path)
+
+
+def test_read_image_not_an_image(tmp_path):
+    path = tmp_path / "notes.jpg"
+    path.write_text("this is not a picture\n")
+    with pytest.raises(DatasetError, match=re.escape(f"{path}: not an image file")):
+        read_image(path)
+
+
+def test_read_image_missing(tmp_path):
+    with pytest.raises(DatasetError, match="missing image file"):
+        read_image(tmp_path / "gone.jpg")
+
+
+def test_read_image_converts_to_rgb(tmp_path):
+    path = tmp_path / "g.png"
+    Image.fromarray(np.full((5, 7), 9, np.uint8)).save(path)
+    image = read_image(path)
+    assert image.shape == (5, 7, 3) and (image == 9).all()
+
+
+# ---- bad masks --------------------------------------------------------------
+
+
+def test_rgb_mask_rejected(tmp_path):
+    path = tmp_path / "m.png"
+    write_mask(path, label_grid(), mode="RGB")
+    with pytest.raises(DatasetError, match=re.escape(f"{path}: RGB mask where a palette or single-channel mask is expected")):
+        read_mask(path, "voc")
+
+
+def test_mask_size_mismatch(tmp_path):
+    sample = Sample("a", tmp_path / "a.jpg", tmp_path / "a.png")
+    write_image(sample.image_path, size=(8, 8))
+    write_mask(sample.mask_path, label_grid(size=(8, 6)))
+    with pytest.raises(DatasetError) as excinfo:
+        check_samples([sample], num_classes=21, layout="voc")
+    (problem,) = problems_of(excinfo)
+    assert problem.startswith(str(sample.mask_path))
+    assert "mask size 8x6 (WxH) differs from image size 8x8" in problem
+
+
+def test_mask_label_out_of_range(tmp_path):
+    sample = Sample("a", tmp_path / "a.jpg", tmp_path / "a.png")
+    write_image(sample.image_path)
+    mask = label_grid(num_classes=21)
+    mask[1, 1], mask[2, 2] = 21, 200
+    write_mask(sample.mask_path, mask, mode="P")
+    with pytest.raises(DatasetError) as excinfo:
+        check_samples([sample], num_classes=21, layout="voc")
+    (problem,) = problems_of(excinfo)
+    assert problem.startswith(str(sample.mask_path))
+    assert "outside [0, 21) other than 255: 21, 200" in problem
+
+
+def test_check_samples_collects_all_problems(tmp_path):
+    make_voc(tmp_path, ids=("a", "b", "c", "d"))
+    samples = build_samples("voc", tmp_path, "train.txt", with_masks=True)
+    (tmp_path / "JPEGImages" / "a.jpg").write_bytes(b"")
+    write_mask(tmp_path / "SegmentationClass" / "b.png", label_grid(), mode="RGB")
+    (tmp_path / "JPEGImages" / "c.jpg").write_text("text")
+    with pytest.raises(DatasetError) as excinfo:
+        check_samples(samples, num_classes=21, layout="voc")
+    problems = problems_of(excinfo)
+    assert len(problems) == 3
+    for name, text in [("a.jpg", "zero-byte"), ("b.png", "RGB mask"), ("c.jpg", "not an image")]:
+        assert any(name in p and text in p for p in problems), (name, problems)
+    assert "3 problem(s)" in str(excinfo.value)
+
+
+def test_check_samples_truncates_long_lists(tmp_path):
+    samples = [Sample(str(i), tmp_path / f"{i}.jpg") for i in range(25)]
+    with pytest.raises(DatasetError) as excinfo:
+        check_samples(samples, num_classes=21, layout="voc")
+    msg = str(excinfo.value)
+    assert len(problems_of(excinfo)) == 25
+    assert "... and 5 more" in msg
+    assert "19.jpg" in msg and "20.jpg" not in msg
+
+
+# ---- split lists ------------------------------------------------------------
+
+
+def test_read_split_skips_blanks_and_comments(tmp_path):
+    write_split(tmp_path / "s.txt", ["# header", "a", "", "  b  ", "   # indented comment", "c"])
+    assert read_split(tmp_path, "s.txt") == ["a", "b", "c"]
+
+
+def test_read_split_missing(tmp_path):
+    with pytest.raises(DatasetError, match=re.escape(f"{tmp_path / 'nope.txt'}: split file not found")):
+        read_split(tmp_path, "nope.txt")
+
+
+def test_read_split_empty(tmp_path):
+    write_split(tmp_path / "s.txt", ["# only a comment", ""])
+    with pytest.raises(DatasetError, match="split file is empty"):
+        read_split(tmp_path, "s.txt")
+
+
+def test_read_split_duplicates(tmp_path):
+    path = write_split(tmp_path / "s.txt", ["a", "b", "# c", "a"])
+    with pytest.raises(DatasetError, match=r"duplicate id 'a' \(first on line 1, again on line 4\)") as excinfo:
+        read_split(tmp_path, path)
+    assert str(path) in str(excinfo.value)
+
+
+def test_read_split_duplicate_across_forms(tmp_path):
+    write_split(tmp_path / "s.txt", ["x", "JPEGImages/x.jpg SegmentationClass/x.png"])
+    with pytest.raises(DatasetError, match="duplicate id 'x'"):
+        read_split(tmp_path, "s.txt")
+
+
+def test_read_split_too_many_columns(tmp_path):
+    write_split(tmp_path / "s.txt", ["a b c"])
+    with pytest.raises(DatasetError, match=r"s\.txt:1: expected an id or two paths"):
+        read_split(tmp_path, "s.txt")
+
+
+# ---- disjointness -----------------------------------------------------------
+
+
+def test_check_disjoint_ok():
+    check_disjoint(["a", "b"], ["c", "d"], val_ids=["e"])
+
+
+def test_check_disjoint_overlap_names_ids():
+    with pytest.raises(DatasetError, match=r"2 id\(s\) are both labeled and unlabeled: b, c"):
+        check_disjoint(["a", "b", "c"], ["b", "c", "d"])
+
+
+def test_check_disjoint_two_column_and_val():
+    with pytest.raises(DatasetError) as excinfo:
+        check_disjoint(["JPEGImages/a.jpg SegmentationClass/a.png"], ["a"], val_ids=["a", "v"])
+    problems = problems_of(excinfo)
+    assert len(problems) == 3
+    assert any("labeled and val: a" in p for p in problems)
+
+
+def test_check_disjoint_lists_only_a_few():
+    ids = [f"id{i:03d}" for i in range(50)]
+    with pytest.raises(DatasetError) as excinfo:
+        check_disjoint(ids, ids)
+    assert "50 id(s)" in str(excinfo.value)
+    assert "id004, ..." in str(excinfo.value) and "id005" not in str(excinfo.value)
+
+
+def test_dataset_error_pickles_with_problems():
+    err = pickle.loads(pickle.dumps(DatasetError("two problems", ["p1", "p2"])))
+    assert isinstance(err, ValueError)
+    assert str(err) == "two problems" and err.problems == ["p1", "p2"]
+
+
+# ---- pseudo-label PNG bytes -------------------------------------------------
+
+
+def test_mask_png_round_trip():
+    mask = RNG.integers(0, 256, (7, 9), dtype=np.uint8)
+    data = encode_mask_png(mask)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert Image.open(io.BytesIO(data)).mode == "L"
+    out = decode_mask_png(data)
+    assert out.dtype == np.uint8
+    np.testing.assert_array_equal(out, mask)
+
+
+def test_encode_mask_png_rejects_bad_input():
+    with pytest.raises(ValueError, match="HxW uint8"):
+        encode_mask_png(np.zeros((4, 4), dtype=np.int64))
+    with pytest.raises(ValueError, match="HxW uint8"):
+        encode_mask_png(np.zeros((4, 4, 3), dtype=np.uint8))
+
+
+def test_decode_mask_png_rejects_garbage():
+    with pytest.raises(DatasetError, match="cannot decode mask PNG"):
+        decode_mask_png(b"not a png")

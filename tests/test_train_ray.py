@@ -1,0 +1,39 @@
+"""Ray Train integration: a tiny 2-worker teacher that survives a killed worker."""
+
+import json
+
+import pytest
+import torch
+
+from stpp_ray.checkpoints import load_model
+from stpp_ray.pipeline import Pipeline
+from stpp_ray.train_ray import FAULT_MARKER
+
+from conftest import smoke_config
+
+pytestmark = pytest.mark.ray
+
+
+def test_two_worker_teacher_resumes_after_a_killed_worker(ray_local, smoke_data, tmp_path):
+    cfg = smoke_config(smoke_data, tmp_path / "run", "method=supervised", "ray.num_workers=2",
+                       "train.epochs=3", "selection.num_checkpoints=3", "train.max_failures=1")
+    report = Pipeline(cfg, fault_epoch=2, fault_stage="teacher").run()
+
+    stage_dir = tmp_path / "run" / "teacher"
+    assert (stage_dir / FAULT_MARKER).exists(), "the fault was not injected"
+    epochs = [json.loads(line)["epoch"] for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3], "each epoch is recorded once"
+    fault_time = (stage_dir / FAULT_MARKER).stat().st_mtime
+    assert (stage_dir / "checkpoints" / "epoch_001.pt").stat().st_mtime < fault_time, "epoch 1 was retrained"
+    assert (stage_dir / "checkpoints" / "epoch_002.pt").stat().st_mtime > fault_time
+    for e in (1, 2, 3):
+        model, blob = load_model(stage_dir / "checkpoints" / f"epoch_{e:03d}.pt")
+        assert blob["meta"]["epoch"] == e
+    final, _ = load_model(stage_dir / "final.pt")
+    last, _ = load_model(stage_dir / "checkpoints" / "epoch_003.pt")
+    for a, b in zip(final.state_dict().values(), last.state_dict().values()):
+        assert torch.equal(a, b)
+    assert report["method"] == "supervised"
+    assert 0.0 <= report["teacher"]["miou"] <= 1.0
+    assert report["final"]["miou"] == report["teacher"]["miou"]
+    assert [s["name"] for s in report["stages"]] == ["check_data", "teacher"]
