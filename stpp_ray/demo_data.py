@@ -17,8 +17,8 @@ Label conventions:
 * ``SegmentationClass/*.png`` are palette PNGs with the VOC colormap; pixel
   values are class indices.  Like VOC, a 1-px ignore band (255) outlines
   objects: it covers background pixels 4-adjacent to an object, and one side
-  (the lower class index) of interfaces between two touching object classes.
-  Apart from such interfaces the band only covers background pixels.
+  (the lower class index) of interfaces between two touching object classes,
+  so it never eats into an object except where two objects touch.
 * ``ImageSets/Segmentation/{1_16,1_8}/labeled.txt`` are nested,
   class-balanced-ish subsets of the training pool (N/16 and N/8 images);
   ``unlabeled.txt`` is the rest of the pool.  ``full/labeled.txt`` lists the
@@ -62,11 +62,10 @@ IGNORE_INDEX = 255
 OBJECT_DIGITS = (0, 1, 2, 3, 4)  # class k (1..5) is digit k-1
 DISTRACTOR_DIGITS = (5, 6, 7, 8, 9)  # pasted, labeled background
 # Sampling weight of each object class; "four" is the rare class.
-CLASS_WEIGHTS = (1.0, 1.0, 1.0, 1.0, 0.3)
+CLASS_WEIGHTS = (1.0, 1.0, 1.0, 1.0, 0.4)
 RARE_CLASS = "four"
 DIFFICULTY_LEVELS = ("easy", "medium", "hard")
 DIFFICULTY_PROBS = (0.40, 0.35, 0.25)
-SPLIT_FRACTIONS = {"1_16": 16, "1_8": 8}
 GLYPH_TRAIN_FRACTION = 0.7
 MARKER_NAME = ".demo_complete"
 INFO_NAME = "demo_info.json"
@@ -192,7 +191,7 @@ def _warp_glyph(src: np.ndarray, size: int, rng: np.random.Generator) -> np.ndar
 def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
     """Bicubic-upsampled uniform noise in [0, 1] with about ``cells`` features per side."""
     low = rng.random((cells + 1, cells + 1)).astype(np.float32)
-    field = np.asarray(Image.fromarray(low, "F").resize((size, size), Image.BICUBIC))
+    field = np.asarray(Image.fromarray(low, "F").resize((size, size), Image.Resampling.BICUBIC))
     lo, hi = field.min(), field.max()
     return ((field - lo) / max(hi - lo, 1e-6)).astype(np.float64)
 

@@ -77,7 +77,9 @@ class MobileNetBackbone(nn.Module):
 def _build_resnet(backbone: str, output_stride: int, weights) -> ResNetBackbone:
     ctor = _TORCHVISION[backbone][0]
     if backbone == "resnet18":
-        # torchvision's BasicBlock rejects dilation > 1, so dilate the convs by hand.
+        # torchvision's BasicBlock rejects dilation > 1, so dilate the convs by hand. Unlike
+        # torchvision's Bottleneck (first block keeps the previous dilation), every 3x3 conv of
+        # a dilated stage gets the new rate, as in torchvision's dilated MobileNetV3.
         net = ctor(weights=weights)
         if output_stride == 8:
             _dilate(net.layer3)
@@ -290,7 +292,7 @@ class DistributedBatchNorm2d(nn.BatchNorm2d):
         channels = x.shape[1]
         count = x.new_full((1,), x.numel() / max(channels, 1))
         stats = torch.cat([x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3)), count])
-        group = self.process_group or dist.group.WORLD
+        group = dist.group.WORLD if self.process_group is None else self.process_group
         stats = all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
         total, total_sq, n = stats[:channels], stats[channels:-1], stats[-1]
         if n.item() <= 1:
@@ -313,15 +315,12 @@ class DistributedBatchNorm2d(nn.BatchNorm2d):
 
 
 def _to_distributed_bn(bn: nn.BatchNorm2d) -> DistributedBatchNorm2d:
-    new = DistributedBatchNorm2d(
-        bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
-        device=bn.weight.device if bn.affine else None,
-        dtype=bn.weight.dtype if bn.affine else None,
-    )
-    new.load_state_dict(bn.state_dict())
-    if bn.affine:
-        new.weight.requires_grad_(bn.weight.requires_grad)
-        new.bias.requires_grad_(bn.bias.requires_grad)
+    """Swap the class, sharing bn's parameters and buffers (as convert_sync_batchnorm does)."""
+    new = DistributedBatchNorm2d(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+    for name, param in bn.named_parameters(recurse=False):
+        setattr(new, name, param)
+    for name, buf in bn.named_buffers(recurse=False):
+        setattr(new, name, buf)
     new.train(bn.training)
     return new
 

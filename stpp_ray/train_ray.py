@@ -139,8 +139,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
         sampler.set_epoch(epoch)
         train_set.set_epoch(epoch)
         if spec.fault_epoch == epoch and rank == world - 1 and not (stage_dir / FAULT_MARKER).exists():
+            # Simulated crash of one worker process (tests only), a few seconds into the
+            # epoch as in a real crash: Ray Train collects the previous epoch's report
+            # asynchronously, and a process dying at once could lose it.
+            time.sleep(5)
             (stage_dir / FAULT_MARKER).write_text(str(time.time()))
-            os._exit(1)  # simulated crash of one worker process (tests only)
+            os._exit(1)
         stats = train_one_epoch(model, loader, optimizer, scheduler, device, amp=cfg.train.amp)
         record = {"stage": spec.name, "epoch": epoch, "loss": stats["loss"], "lr": stats["lr"],
                   "images_per_s": stats["images_per_s"], "train_seconds": stats["seconds"]}

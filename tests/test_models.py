@@ -222,9 +222,11 @@ def test_convert_batchnorm_for_distributed():
     with torch.no_grad():
         before = model(x)
     n_bn = sum(type(m) is nn.BatchNorm2d for m in model.modules())
+    params = [id(p) for p in model.parameters()]
     converted = convert_batchnorm_for_distributed(model, "cpu")
     assert sum(type(m) is DistributedBatchNorm2d for m in converted.modules()) == n_bn
     assert not any(type(m) is nn.BatchNorm2d for m in converted.modules())
+    assert [id(p) for p in converted.parameters()] == params  # an existing optimizer stays valid
     with torch.no_grad():
         assert torch.allclose(converted(x), before, atol=1e-5)
 

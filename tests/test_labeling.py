@@ -1,0 +1,95 @@
+"""The one-pass labeler, called directly (no Ray), and the Parquet schema."""
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+
+from stpp_ray.augment import normalize
+from stpp_ray.checkpoints import CheckpointError, save_weights
+from stpp_ray.datasets import decode_mask_png
+from stpp_ray.labeling import Labeler
+from stpp_ray.models import build_model
+from stpp_ray.pseudo import SCHEMA
+from stpp_ray.stability import stability_score
+
+ARCH = {"name": "deeplabv3plus", "backbone": "mobilenet_v3_large", "output_stride": 16, "aspp_channels": 16,
+        "num_classes": 4}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Three differently initialised tiny models standing in for K=3 teacher checkpoints."""
+    d = tmp_path_factory.mktemp("ckpts")
+    paths = []
+    for epoch in (1, 2, 3):
+        torch.manual_seed(epoch)
+        model = build_model("deeplabv3plus", "mobilenet_v3_large", 4, aspp_channels=16)
+        with torch.no_grad():  # make predictions vary spatially and across checkpoints
+            model.classifier.bias.copy_(torch.randn(4))
+        path = d / f"epoch_{epoch:03d}.pt"
+        save_weights(path, model, ARCH, epoch=epoch)
+        paths.append(str(path))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    d = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, size in enumerate([(32, 32), (32, 32), (24, 40), (32, 32)]):
+        path = d / f"u{i}.png"
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(path)
+        rows.append((f"u{i}", str(path)))
+    return rows
+
+
+def batch_of(rows):
+    return {"image_id": np.array([r[0] for r in rows]), "image_path": np.array([r[1] for r in rows])}
+
+
+def test_scores_equal_stability_score_of_its_own_predictions(checkpoints, images):
+    labeler = Labeler(checkpoints, checkpoints[-1], num_threads=1)
+    out = labeler(batch_of(images))
+    assert out["image_id"] == [r[0] for r in images]
+    for i, (image_id, path) in enumerate(images):
+        x = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)[None]
+        with torch.inference_mode():
+            preds = [m(normalize(x)).argmax(1)[0].numpy() for m in labeler.models]
+        expected = stability_score(preds, 4)
+        assert math.isclose(out["stability"][i], expected, rel_tol=1e-9, abs_tol=1e-12)
+        assert len(out["ckpt_miou"][i]) == 2
+        assert out["ckpt_epochs"][i] == [1, 2]
+        mask = decode_mask_png(out["mask_png"][i])
+        np.testing.assert_array_equal(mask, preds[-1])  # label model = final checkpoint, no TTA
+        assert (out["height"][i], out["width"][i]) == mask.shape
+        assert 0 < out["confidence"][i] <= 1 and out["entropy"][i] >= 0
+
+
+def test_output_matches_the_parquet_schema(checkpoints, images):
+    out = Labeler(checkpoints, checkpoints[-1], num_threads=1)(batch_of(images))
+    table = pa.Table.from_pydict(out, schema=SCHEMA)
+    assert table.num_rows == len(images)
+    assert {"image_id", "mask_png", "stability", "ckpt_miou"} <= set(table.schema.names)
+    assert table.schema.field("mask_png").type == pa.binary()
+    assert table.schema.field("ckpt_miou").type == pa.list_(pa.float64())
+
+
+def test_single_checkpoint_gives_nan_stability_and_tta_changes_nothing_structural(checkpoints, images):
+    out = Labeler([checkpoints[0]], checkpoints[0], tta=True, tta_scales=[0.5, 1.0], num_threads=1)(batch_of(images))
+    assert all(math.isnan(s) for s in out["stability"])
+    assert all(c == [] for c in out["ckpt_miou"])
+    for i in range(len(images)):
+        mask = decode_mask_png(out["mask_png"][i])
+        assert mask.shape == (out["height"][i], out["width"][i])
+        assert mask.max() < 4
+
+
+def test_checkpoint_of_another_class_count_is_refused(checkpoints):
+    wrong = dict(ARCH, num_classes=21)
+    with pytest.raises(CheckpointError, match="num_classes"):
+        Labeler(checkpoints, checkpoints[-1], expect_arch=wrong)

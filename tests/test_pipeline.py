@@ -1,0 +1,102 @@
+"""The smoke pipeline end to end on the shared local Ray: ST++, resume, config changes, ST."""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from stpp_ray.datasets import read_split
+from stpp_ray.pipeline import Pipeline
+
+from conftest import smoke_config
+
+pytestmark = pytest.mark.ray
+
+
+def parquet_ids(directory):
+    ids = []
+    for f in sorted(directory.glob("*.parquet")):
+        ids += pq.read_table(f, columns=["image_id"]).column("image_id").to_pylist()
+    return ids
+
+
+@pytest.fixture(scope="module")
+def interrupted_then_resumed(ray_local, smoke_data, tmp_path_factory):
+    """An ST++ run killed in student1 (no restarts allowed), then rerun with the same config."""
+    out = tmp_path_factory.mktemp("stpp") / "run"
+    cfg = smoke_config(smoke_data, out, "train.max_failures=0")
+    with pytest.raises(Exception):
+        Pipeline(cfg, fault_epoch=2, fault_stage="student1").run()
+    first = {
+        "teacher_mtime": (out / "teacher" / "final.pt").stat().st_mtime,
+        "label_files": sorted(p.name for p in (out / "pseudo_labels" / "teacher").glob("*.parquet")),
+        "student1_epoch1": (out / "ray_train").glob("student1-*/epoch_0001"),
+    }
+    assert list(first["student1_epoch1"]), "student1 had checkpointed epoch 1 before the crash"
+    report = Pipeline(cfg).run()
+    return cfg, out, first, report
+
+
+def test_resume_skips_finished_stages_and_continues_the_interrupted_one(interrupted_then_resumed):
+    cfg, out, first, report = interrupted_then_resumed
+    reused = {s["name"]: s["reused"] for s in report["stages"]}
+    assert reused == {"check_data": True, "teacher": True, "label_teacher": True, "select": True,
+                      "student1": False, "label_student1": False, "student2": False}
+    assert (out / "teacher" / "final.pt").stat().st_mtime == first["teacher_mtime"]
+    assert sorted(p.name for p in (out / "pseudo_labels" / "teacher").glob("*.parquet")) == first["label_files"]
+    epochs = [json.loads(line)["epoch"] for line in (out / "student1" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2]
+    fault_time = (out / "student1" / ".fault_injected").stat().st_mtime
+    first_line_epoch1 = next((out / "ray_train").glob("student1-*/epoch_0001"))
+    assert first_line_epoch1.stat().st_mtime < fault_time, "student1 epoch 1 was retrained"
+
+
+def test_every_unlabeled_image_is_labeled_exactly_once(interrupted_then_resumed, smoke_data):
+    cfg, out, _, _ = interrupted_then_resumed
+    unlabeled = read_split(smoke_data, cfg.data.unlabeled_split)
+    ids = parquet_ids(out / "pseudo_labels" / "teacher")
+    assert sorted(ids) == sorted(unlabeled)
+    selection = json.loads((out / "selection.json").read_text())
+    assert sorted(selection["reliable"] + selection["unreliable"]) == sorted(unlabeled)
+    assert len(selection["reliable"]) == int(cfg.selection.reliable_fraction * len(unlabeled))
+    assert sorted(parquet_ids(out / "pseudo_labels" / "student1")) == sorted(selection["unreliable"])
+
+
+def test_report_and_pictures(interrupted_then_resumed):
+    cfg, out, _, report = interrupted_then_resumed
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["method"] == "stpp" and saved["status"] == "complete"
+    assert 0 <= saved["final"]["miou"] <= 1 and 0 <= saved["teacher"]["miou"] <= 1
+    assert saved["final"]["stage"] == "student2"
+    assert saved["config"]["selection"]["reliable_fraction"] == cfg.selection.reliable_fraction
+    assert all({"name", "wall_s"} <= set(s) for s in saved["stages"])
+    assert sum(b["count"] for b in saved["selection"]["histogram"]) == saved["selection"]["reliable"] + saved["selection"]["unreliable"]
+    for pic in ("stability_histogram.png", "pseudo_labels_grid.png", "per_class_iou.png"):
+        assert (out / pic).stat().st_size > 1000
+    assert "student2" in (out / "report.md").read_text()
+    assert (out / "teacher" / "tensorboard").is_dir()
+
+
+def test_changed_config_recomputes_what_depends_on_it(interrupted_then_resumed):
+    cfg, out, _, _ = interrupted_then_resumed
+    changed = smoke_config(cfg.data.root, out, "train.max_failures=0", "selection.reliable_fraction=0.25")
+    report = Pipeline(changed).run()
+    reused = {s["name"]: s["reused"] for s in report["stages"]}
+    assert reused["teacher"] and reused["label_teacher"]
+    assert not any(reused[s] for s in ("select", "student1", "label_student1", "student2"))
+    selection = json.loads((out / "selection.json").read_text())
+    n = len(selection["reliable"]) + len(selection["unreliable"])
+    assert len(selection["reliable"]) == int(0.25 * n)
+    assert report["config"]["selection"]["reliable_fraction"] == 0.25
+
+
+def test_st_method_in_the_same_run_directory_reuses_the_teacher(interrupted_then_resumed):
+    cfg, out, _, _ = interrupted_then_resumed
+    st = smoke_config(cfg.data.root, out, "method=st")
+    report = Pipeline(st).run()
+    reused = {s["name"]: s["reused"] for s in report["stages"]}
+    assert reused["teacher"] and not reused["label_teacher"] and not reused["student"]
+    assert report["final"]["stage"] == "student"
+    import math
+    table = pq.read_table(next((out / "pseudo_labels" / "teacher").glob("*.parquet")))
+    assert all(math.isnan(s) for s in table.column("stability").to_pylist()), "ST does not score"
