@@ -60,8 +60,8 @@ class DataConfig(_Section):
 
 class ModelConfig(_Section):
     name: Literal["deeplabv3plus"] = Field("deeplabv3plus", description="Segmentation architecture.")
-    backbone: Literal["resnet18", "resnet50", "resnet101", "mobilenet_v3_large"] = Field(
-        "resnet50", description="Backbone network (torchvision)."
+    backbone: Literal["resnet18", "resnet50", "resnet101", "mobilenet_v3_large", "tiny"] = Field(
+        "resnet50", description="Backbone network (torchvision; `tiny` is a small residual trunk for CPU demos)."
     )
     output_stride: Literal[8, 16] = Field(16, description="Backbone output stride (8 or 16), via dilated convolutions.")
     pretrained: str = Field(
@@ -72,7 +72,10 @@ class ModelConfig(_Section):
 
 
 class TrainConfig(_Section):
-    epochs: int = Field(80, ge=1, description="Epochs of each training stage (teacher and students).")
+    epochs: int = Field(80, ge=1, description="Epochs of the teacher (and of the students unless `train.student_epochs` is set).")
+    student_epochs: int = Field(
+        0, ge=0, description="Epochs of each student stage; 0 = `train.epochs`, as in the paper. Students see |L|+|U| images per epoch."
+    )
     batch_size: int = Field(
         16, ge=1, description="Global batch size, whatever the worker count; each worker gets batch_size / ray.num_workers."
     )
@@ -87,11 +90,17 @@ class TrainConfig(_Section):
     eval_batch_size: int = Field(
         1, ge=1, description="Validation batch per worker; >1 only when all validation images share one size."
     )
+    sync_batchnorm: bool = Field(
+        True, description="Synchronise BatchNorm statistics across workers (batch-size invariance); off = per-worker BN."
+    )
     loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per training worker (0 = in-process).")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Training device: `auto` follows `ray.use_gpu`."
     )
     amp: bool = Field(False, description="Mixed precision (bfloat16 autocast) on CUDA; ignored on CPU.")
+    checkpoint_interval: int = Field(
+        1, ge=1, description="Report a resumable checkpoint to Ray Train every N epochs (and at the last epoch)."
+    )
     max_failures: int = Field(
         2, ge=0, description="Worker-group restarts Ray Train allows per stage; each resumes from the last epoch checkpoint."
     )
@@ -157,6 +166,12 @@ class Config(_Section):
         if self.train.device == "cuda" and not self.ray.use_gpu:
             raise ValueError("train.device=cuda needs ray.use_gpu=true (Ray must assign GPUs to the workers)")
         return self
+
+    def stage_epochs(self, stage: str) -> int:
+        """Epochs of a training stage: the teacher's, or the students'."""
+        if stage == "teacher" or not self.train.student_epochs:
+            return self.train.epochs
+        return self.train.student_epochs
 
     def checkpoint_epochs(self) -> list[int]:
         """The K ST++ checkpoint epochs (1-based): floor(i * E / K) for i = 1..K."""

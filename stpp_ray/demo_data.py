@@ -55,7 +55,7 @@ __all__ = [
     "ensure_demo_dataset",
 ]
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 DEMO_CLASSES: tuple[str, ...] = ("background", "zero", "one", "two", "three", "four")
 DEMO_NUM_CLASSES: int = len(DEMO_CLASSES)
 IGNORE_INDEX = 255
@@ -73,18 +73,18 @@ INFO_NAME = "demo_info.json"
 # Sizes are fractions of the image side; ranges are inclusive (lo, hi).
 _LEVELS = {
     "easy": dict(
-        objects=(1, 2), distractors=(0, 1), size=(0.40, 0.56),
-        contrast=(0.45, 0.75), clutter=(0, 1), clutter_amp=(0.15, 0.35),
-        blur=(0.0, 0.3), noise=(0.0, 0.02), texture_p=0.1, cluster_p=0.0,
+        objects=(1, 2), distractors=(0, 0), size=(0.45, 0.62),
+        contrast=(0.6, 0.9), clutter=(0, 1), clutter_amp=(0.1, 0.25),
+        blur=(0.0, 0.3), noise=(0.0, 0.02), texture_p=0.05, cluster_p=0.0,
     ),
     "medium": dict(
-        objects=(1, 3), distractors=(1, 3), size=(0.28, 0.45),
-        contrast=(0.25, 0.45), clutter=(1, 2), clutter_amp=(0.3, 0.6),
-        blur=(0.3, 0.7), noise=(0.02, 0.05), texture_p=0.35, cluster_p=0.3,
+        objects=(1, 3), distractors=(0, 2), size=(0.34, 0.5),
+        contrast=(0.35, 0.6), clutter=(1, 2), clutter_amp=(0.25, 0.5),
+        blur=(0.3, 0.7), noise=(0.02, 0.05), texture_p=0.3, cluster_p=0.3,
     ),
     "hard": dict(
-        objects=(2, 4), distractors=(3, 6), size=(0.19, 0.34),
-        contrast=(0.12, 0.30), clutter=(2, 4), clutter_amp=(0.4, 0.8),
+        objects=(2, 4), distractors=(2, 5), size=(0.22, 0.38),
+        contrast=(0.12, 0.32), clutter=(2, 4), clutter_amp=(0.4, 0.8),
         blur=(0.4, 0.9), noise=(0.03, 0.07), texture_p=0.6, cluster_p=0.7,
     ),
 }

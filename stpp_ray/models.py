@@ -12,7 +12,7 @@ from torch import nn
 from torchvision import models as tvm
 
 MODELS = ("deeplabv3plus",)
-BACKBONES = ("resnet18", "resnet50", "resnet101", "mobilenet_v3_large")
+BACKBONES = ("resnet18", "resnet50", "resnet101", "mobilenet_v3_large", "tiny")
 OUTPUT_STRIDES = (8, 16)
 
 _TORCHVISION = {
@@ -74,6 +74,36 @@ class MobileNetBackbone(nn.Module):
         return low, self.features[_MOBILENET_LOW_LEVEL_BLOCKS:](low)
 
 
+class TinyBackbone(nn.Module):
+    """A small residual trunk of torchvision BasicBlocks for CPU demos (no pretrained weights).
+
+    It keeps more resolution early than ResNet-18 (no max-pool, stride-2 stem), which
+    small images with thin structures need, at a fraction of the compute.
+    """
+
+    widths = (32, 48, 96, 160)
+
+    def __init__(self, output_stride: int = 8):
+        super().__init__()
+        w0, w1, w2, w3 = self.widths
+        self.stem = nn.Sequential(nn.Conv2d(3, w0, 3, 2, 1, bias=False), nn.BatchNorm2d(w0), nn.ReLU(inplace=True))
+        self.layer1 = self._block(w0, w1, 2)
+        self.layer2 = self._block(w1, w2, 2)
+        self.layer3 = self._block(w2, w3, 2)
+        if output_stride == 8:
+            _dilate(self.layer3)
+        self.low_channels, self.high_channels = w1, w3
+
+    @staticmethod
+    def _block(cin: int, cout: int, stride: int) -> nn.Module:
+        down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        return nn.Sequential(tvm.resnet.BasicBlock(cin, cout, stride, down), tvm.resnet.BasicBlock(cout, cout))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        low = self.layer1(self.stem(x))
+        return low, self.layer3(self.layer2(low))
+
+
 def _build_resnet(backbone: str, output_stride: int, weights) -> ResNetBackbone:
     ctor = _TORCHVISION[backbone][0]
     if backbone == "resnet18":
@@ -103,6 +133,13 @@ def build_backbone(backbone: str, output_stride: int = 16, pretrained: str = "no
         raise ValueError(f"unknown backbone {backbone!r}; choices: {', '.join(BACKBONES)}")
     if output_stride not in OUTPUT_STRIDES:
         raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride}")
+    if backbone == "tiny":
+        if pretrained == "imagenet":
+            raise ValueError("the 'tiny' backbone has no ImageNet weights; use pretrained=none or a local file")
+        module = TinyBackbone(output_stride)
+        if pretrained != "none":
+            load_backbone_weights(module, pretrained, backbone)
+        return module
     weights = _TORCHVISION[backbone][1] if pretrained == "imagenet" else None
     if backbone == "mobilenet_v3_large":
         module = _build_mobilenet(output_stride, weights)

@@ -27,7 +27,7 @@ TEACHER_KEYS = (
     "data.layout", "data.root", "data.num_classes", "data.labeled_split", "data.val_split", "data.crop_size",
     "data.demo", "data.demo_seed", "data.demo_num_train", "data.demo_num_val", "data.demo_image_size", "model", "train.epochs", "train.batch_size", "train.lr",
     "train.head_lr_multiplier", "train.momentum", "train.weight_decay", "train.poly_power",
-    "train.eval_interval", "train.amp", "selection.num_checkpoints", "run.seed",
+    "train.eval_interval", "train.amp", "train.sync_batchnorm", "selection.num_checkpoints", "run.seed",
 )
 LABEL_KEYS = ("data.unlabeled_split", "label.teacher", "label.tta", "label.tta_scales")
 SELECT_KEYS = ("selection.reliable_fraction",)
@@ -182,7 +182,7 @@ class Pipeline:
     def stages(self) -> list[Stage]:
         cfg = self.cfg
         ckpt_epochs = cfg.checkpoint_epochs()
-        final_only = [cfg.train.epochs]
+        final_only = [cfg.stage_epochs("student")]
         data = self.data_stage()
         teacher_fp = cfg.fingerprint(*TEACHER_KEYS)
         graph = [data, self.train_stage("teacher", teacher_fp, lambda: [], ckpt_epochs)]
@@ -192,13 +192,13 @@ class Pipeline:
         all_u = lambda: self.unlabeled  # noqa: E731
         graph.append(self.label_stage("label_teacher", label_fp, "teacher", all_u, scoring=cfg.method == "stpp"))
         if cfg.method == "st":
-            student_fp = chain(label_fp, "student")
+            student_fp = chain(label_fp, "student", str(cfg.train.student_epochs))
             graph.append(self.train_stage(
                 "student", student_fp,
                 lambda: [self._pseudo_source("label_teacher", [s.image_id for s in self.unlabeled])], final_only))
             return graph
         select_fp = chain(label_fp, cfg.fingerprint(*SELECT_KEYS))
-        s1_fp = chain(select_fp, "student1")
+        s1_fp = chain(select_fp, "student1", str(cfg.train.student_epochs))
         l1_fp = chain(s1_fp, "label_student1")
         s2_fp = chain(l1_fp, "student2")
         reliable = lambda: self.results["select"]["reliable"]  # noqa: E731

@@ -96,7 +96,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                         output_stride=cfg.model.output_stride, pretrained=cfg.model.pretrained,
                         aspp_channels=cfg.model.aspp_channels)
     backbone_params, head_params = split_parameters(model)
-    if world > 1:
+    if world > 1 and cfg.train.sync_batchnorm:
         model = convert_batchnorm_for_distributed(model, device.type)
     model = model.to(device).to(memory_format=torch.channels_last)
     if world > 1:
@@ -113,7 +113,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     optimizer = build_optimizer(model, backbone_params, head_params, cfg.train.lr, cfg.train.head_lr_multiplier,
                                 cfg.train.momentum, cfg.train.weight_decay)
-    epochs = cfg.train.epochs
+    epochs = cfg.stage_epochs(spec.name)
     scheduler = poly_scheduler(optimizer, epochs * len(sampler), cfg.train.poly_power)
     arch = architecture(cfg.model, cfg.data.num_classes)
 
@@ -153,19 +153,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
             record["val_miou"] = cm.miou()
             record["val_iou"] = [None if v != v else float(v) for v in cm.iou()]
         metrics = {k: v for k, v in record.items() if k != "val_iou"}
+        if rank == 0:
+            _save_epoch_outputs(spec, stage_dir, model, arch, record, epochs)
+            best_miou = _save_best(stage_dir, model, arch, record, best_miou, spec.name)
+            _log_epoch(writer, spec.name, record, epochs)
+        if epoch % cfg.train.checkpoint_interval and epoch != epochs:
+            continue  # per-epoch metrics are in metrics.jsonl; Ray hears at checkpoints only
         if rank != 0:
-            ray.train.report(metrics)  # Ray: every rank reports each epoch
+            ray.train.report(metrics)  # Ray: every rank reports at each checkpoint epoch
             continue
-        miou = record.get("val_miou")
-        if epoch in spec.checkpoint_epochs:
-            save_weights(stage_dir / "checkpoints" / f"epoch_{epoch:03d}.pt", model, arch, epoch=epoch, stage=spec.name)
-        if miou is not None and miou > best_miou:
-            best_miou = miou
-            save_weights(stage_dir / "best.pt", model, arch, epoch=epoch, stage=spec.name, val_miou=miou)
-        if epoch == epochs:
-            save_weights(stage_dir / "final.pt", model, arch, epoch=epoch, stage=spec.name, val_miou=miou)
-        _write_metrics(stage_dir, record)
-        _log_epoch(writer, spec.name, record, epochs)
         with tempfile.TemporaryDirectory() as tmp:
             torch.save({"model": getattr(model, "module", model).state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "epoch": epoch, "best_miou": best_miou},
@@ -175,6 +171,24 @@ def train_loop_per_worker(loop_config: dict) -> None:
                              checkpoint_dir_name=f"epoch_{epoch:04d}")
     if writer is not None:
         writer.close()
+
+
+def _save_epoch_outputs(spec: StageSpec, stage_dir: Path, model, arch: dict, record: dict, epochs: int) -> None:
+    """The ST++ checkpoint of this epoch (if it is one), the final weights, the metrics line."""
+    epoch = record["epoch"]
+    if epoch in spec.checkpoint_epochs:
+        save_weights(stage_dir / "checkpoints" / f"epoch_{epoch:03d}.pt", model, arch, epoch=epoch, stage=spec.name)
+    if epoch == epochs:
+        save_weights(stage_dir / "final.pt", model, arch, epoch=epoch, stage=spec.name, val_miou=record.get("val_miou"))
+    _write_metrics(stage_dir, record)
+
+
+def _save_best(stage_dir: Path, model, arch: dict, record: dict, best_miou: float, stage: str) -> float:
+    miou = record.get("val_miou")
+    if miou is None or miou <= best_miou:
+        return best_miou
+    save_weights(stage_dir / "best.pt", model, arch, epoch=record["epoch"], stage=stage, val_miou=miou)
+    return miou
 
 
 def _tensorboard(stage_dir: Path):

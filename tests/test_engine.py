@@ -1,0 +1,108 @@
+"""Engine: global-batch sharding and exact 1-worker == 2-worker training steps."""
+
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from stpp_ray.engine import GlobalBatchSampler, build_optimizer, poly_scheduler, sample_seed, train_one_epoch
+from stpp_ray.models import build_model, convert_batchnorm_for_distributed, split_parameters
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_ranks_share_the_same_global_batches(world):
+    single = list(GlobalBatchSampler(37, 8, 0, 1, seed=3))
+    shards = [list(GlobalBatchSampler(37, 8, r, world, seed=3)) for r in range(world)]
+    assert len(single) == 4  # 37 // 8, the incomplete batch dropped
+    for step, batch in enumerate(single):
+        assert sum((s[step] for s in shards), []) == batch
+
+
+def test_epochs_reshuffle_and_seeds_are_worker_independent():
+    s = GlobalBatchSampler(32, 8, 0, 1, seed=0)
+    first = list(s)
+    s.set_epoch(1)
+    assert list(s) != first
+    assert sample_seed(0, 1, 5) == sample_seed(0, 1, 5) != sample_seed(0, 2, 5)
+
+
+def test_sampler_refuses_impossible_shapes():
+    with pytest.raises(ValueError, match="divisible"):
+        GlobalBatchSampler(32, 6, 0, 4, 0)
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        GlobalBatchSampler(3, 8, 0, 1, 0)
+
+
+def test_poly_schedule():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = build_optimizer(None, [p], [], lr=0.1, head_lr_multiplier=10, momentum=0.9, weight_decay=0)
+    sched = poly_scheduler(opt, total_iters=10, power=0.9)
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 ** 0.9)
+
+
+def _data(n=8, size=32, classes=3):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 3, size, size, generator=g)
+    y = torch.randint(0, classes, (n, size, size), generator=g)
+    y[:, :4] = 255  # some ignored pixels, unevenly spread over the shards
+    y[0] = 255
+    return x, y
+
+
+def _one_step(world: int, rank: int) -> dict:
+    torch.manual_seed(0)
+    model = build_model("deeplabv3plus", "tiny", 3, output_stride=8, aspp_channels=16)
+    for m in model.modules():  # dropout masks are drawn per worker: equal in law, not bitwise
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    backbone, head = split_parameters(model)
+    if world > 1:
+        model = convert_batchnorm_for_distributed(model, "cpu")
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    opt = build_optimizer(model, backbone, head, lr=0.05, head_lr_multiplier=10, momentum=0.9, weight_decay=1e-4)
+    sched = poly_scheduler(opt, 10, 0.9)
+    x, y = _data()
+    per = len(x) // world
+    batch = [(x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per])]
+    stats = train_one_epoch(model, batch * 2, opt, sched, torch.device("cpu"))
+    state = {k: v.clone() for k, v in getattr(model, "module", model).state_dict().items()}
+    return {"state": state, "loss": stats["loss"]}
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        result = _one_step(world, rank)
+        if rank == 0:
+            torch.save(result, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_workers_take_the_same_steps_as_one(tmp_path):
+    """Synchronised BN + global pixel normalisation: 2 workers x 4 images == 1 worker x 8."""
+    single = _one_step(1, 0)
+    out = str(tmp_path / "two.pt")
+    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2)
+    two = torch.load(out, weights_only=True)
+    assert two["loss"] == pytest.approx(single["loss"], rel=1e-5)
+    for key, value in single["state"].items():
+        if value.dtype.is_floating_point:
+            np.testing.assert_allclose(two["state"][key].numpy(), value.numpy(), rtol=1e-4, atol=1e-5, err_msg=key)
+        else:
+            assert torch.equal(two["state"][key], value), key
