@@ -55,7 +55,7 @@ __all__ = [
     "ensure_demo_dataset",
 ]
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 4
 DEMO_CLASSES: tuple[str, ...] = ("background", "zero", "one", "two", "three", "four")
 DEMO_NUM_CLASSES: int = len(DEMO_CLASSES)
 IGNORE_INDEX = 255
@@ -64,8 +64,12 @@ DISTRACTOR_DIGITS = (5, 6, 7, 8, 9)  # pasted, labeled background
 # Sampling weight of each object class; "four" is the rare class.
 CLASS_WEIGHTS = (1.0, 1.0, 1.0, 1.0, 0.4)
 RARE_CLASS = "four"
+# Typical hue of each object class (used with probability hue_cue_p per level): a
+# colour cue that a model can pick up from few labels on clear images, while shape
+# remains the only cue on the rest and against distractors, whose hue is random.
+CLASS_HUES = (0.0, 0.2, 0.4, 0.6, 0.8)
 DIFFICULTY_LEVELS = ("easy", "medium", "hard")
-DIFFICULTY_PROBS = (0.40, 0.35, 0.25)
+DIFFICULTY_PROBS = (0.45, 0.35, 0.20)
 GLYPH_TRAIN_FRACTION = 0.7
 MARKER_NAME = ".demo_complete"
 INFO_NAME = "demo_info.json"
@@ -73,19 +77,19 @@ INFO_NAME = "demo_info.json"
 # Sizes are fractions of the image side; ranges are inclusive (lo, hi).
 _LEVELS = {
     "easy": dict(
-        objects=(1, 2), distractors=(0, 0), size=(0.45, 0.62),
-        contrast=(0.6, 0.9), clutter=(0, 1), clutter_amp=(0.1, 0.25),
-        blur=(0.0, 0.3), noise=(0.0, 0.02), texture_p=0.05, cluster_p=0.0,
+        objects=(1, 2), distractors=(0, 0), size=(0.5, 0.65),
+        contrast=(0.7, 1.0), clutter=(0, 0), clutter_amp=(0.1, 0.2),
+        blur=(0.0, 0.2), noise=(0.0, 0.01), texture_p=0.0, cluster_p=0.0, hue_cue_p=0.9,
     ),
     "medium": dict(
-        objects=(1, 3), distractors=(0, 2), size=(0.34, 0.5),
-        contrast=(0.35, 0.6), clutter=(1, 2), clutter_amp=(0.25, 0.5),
-        blur=(0.3, 0.7), noise=(0.02, 0.05), texture_p=0.3, cluster_p=0.3,
+        objects=(1, 2), distractors=(0, 1), size=(0.38, 0.52),
+        contrast=(0.45, 0.7), clutter=(0, 1), clutter_amp=(0.2, 0.4),
+        blur=(0.2, 0.5), noise=(0.01, 0.03), texture_p=0.2, cluster_p=0.2, hue_cue_p=0.6,
     ),
     "hard": dict(
-        objects=(2, 4), distractors=(2, 5), size=(0.22, 0.38),
-        contrast=(0.12, 0.32), clutter=(2, 4), clutter_amp=(0.4, 0.8),
-        blur=(0.4, 0.9), noise=(0.03, 0.07), texture_p=0.6, cluster_p=0.7,
+        objects=(2, 4), distractors=(1, 3), size=(0.25, 0.4),
+        contrast=(0.15, 0.35), clutter=(1, 3), clutter_amp=(0.4, 0.8),
+        blur=(0.4, 0.9), noise=(0.03, 0.07), texture_p=0.6, cluster_p=0.7, hue_cue_p=0.2,
     ),
 }
 _CLUTTER_KINDS = ("noise", "grating", "blobs", "strokes", "checker")
@@ -304,6 +308,20 @@ def _pick_colour(rng: np.random.Generator, reference: np.ndarray, target: float)
     return candidates[np.argmin(np.abs(dist - target))]
 
 
+def _hsv_to_rgb(h: np.ndarray, sat: np.ndarray, val: np.ndarray) -> np.ndarray:
+    """Vectorised HSV -> RGB for arrays of hues in [0, 1)."""
+    k = (np.array([5.0, 3.0, 1.0]) + h[:, None] * 6.0) % 6.0
+    return val[:, None] - val[:, None] * sat[:, None] * np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0)
+
+
+def _class_colour(rng: np.random.Generator, cls: int, reference: np.ndarray, target: float) -> np.ndarray:
+    """A colour of the class's characteristic hue, as real categories have typical colours."""
+    hue = (CLASS_HUES[cls - 1] + rng.uniform(-0.04, 0.04, 32)) % 1.0
+    candidates = _hsv_to_rgb(hue, rng.uniform(0.55, 1.0, 32), rng.uniform(0.35, 1.0, 32))
+    dist = np.linalg.norm(candidates - reference, axis=1) / np.sqrt(3.0)
+    return candidates[np.argmin(np.abs(dist - target))]
+
+
 def _fill(rng: np.random.Generator, colour: np.ndarray, size: int, texture_p: float) -> np.ndarray:
     """Object fill: flat colour, sometimes modulated by a texture."""
     fill = np.broadcast_to(colour, (size, size, 3))
@@ -383,7 +401,10 @@ def _render_scene(rng: np.random.Generator, level: str, bank: dict, size: int):
         img_sl, gly_sl = boxes
         m = mask[gly_sl]
         under = img[img_sl][m].mean(axis=0) if m.any() else img[img_sl].mean(axis=(0, 1))
-        colour = _pick_colour(rng, under, target)
+        if cls > 0 and rng.random() < params["hue_cue_p"]:
+            colour = _class_colour(rng, cls, under, target)
+        else:
+            colour = _pick_colour(rng, under, target)
         fill = _fill(rng, colour, glyph_size, params["texture_p"])[gly_sl]
         a = alpha[gly_sl][..., None]
         img[img_sl] = img[img_sl] * (1.0 - a) + fill * a

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Callable
 
 import torch
@@ -14,6 +15,10 @@ from torchvision import models as tvm
 MODELS = ("deeplabv3plus",)
 BACKBONES = ("resnet18", "resnet50", "resnet101", "mobilenet_v3_large", "tiny")
 OUTPUT_STRIDES = (8, 16)
+
+# The autograd-aware all_reduce below is deprecated in favour of a private API with no
+# documented autograd contract; keep the public one and silence the notice.
+warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_reduce is deprecated")
 
 _TORCHVISION = {
     "resnet18": (tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1),

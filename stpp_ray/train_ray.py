@@ -8,7 +8,9 @@ metrics and checkpoints. The driver side is `fit_stage`.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -85,6 +87,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     """Runs on every Ray Train worker: plain PyTorch DDP training of one stage."""
     cfg = Config.model_validate(loop_config["config"])
     spec = StageSpec(**loop_config["stage"])
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # our own progress lines suffice
     stage_dir = Path(spec.stage_dir)
     ctx = ray.train.get_context()  # Ray: this worker's rank and the world size
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -127,12 +130,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, best_miou = state["epoch"], state["best_miou"]
         if rank == 0:
-            print(f"[{spec.name}] resuming after epoch {start_epoch}/{epochs}", flush=True)
+            _say(f"[{spec.name}] resuming after epoch {start_epoch}/{epochs}")
     if rank == 0:
         stage_dir.mkdir(parents=True, exist_ok=True)
         _truncate_metrics(stage_dir, start_epoch)
-        print(f"[{spec.name}] {len(train_set)} training images, {len(sampler)} steps/epoch, "
-              f"global batch {cfg.train.batch_size} = {world} x {per_worker_batch}, device {device}", flush=True)
+        _say(f"[{spec.name}] {len(train_set)} training images, {len(sampler)} steps/epoch, "
+             f"global batch {cfg.train.batch_size} = {world} x {per_worker_batch}, device {device}")
     writer = _tensorboard(stage_dir) if rank == 0 else None
 
     for epoch in range(start_epoch + 1, epochs + 1):
@@ -191,6 +194,12 @@ def _save_best(stage_dir: Path, model, arch: dict, record: dict, best_miou: floa
     return miou
 
 
+def _say(line: str) -> None:
+    """One progress line on the worker's stdout (Ray Train's patched print would log it twice)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def _tensorboard(stage_dir: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -204,7 +213,7 @@ def _log_epoch(writer, stage: str, record: dict, epochs: int) -> None:
     line = f"[{stage}] epoch {epoch}/{epochs} loss {record['loss']:.4f} {record['images_per_s']:.1f} img/s"
     if "val_miou" in record:
         line += f" val mIoU {100 * record['val_miou']:.2f}"
-    print(line, flush=True)
+    _say(line)
     if writer is not None:
         for key in ("loss", "lr", "images_per_s", "val_miou"):
             if key in record:

@@ -19,7 +19,7 @@ from stpp_ray.models import (
     split_parameters,
 )
 
-FAST_BACKBONES = ("resnet18", "mobilenet_v3_large")
+FAST_BACKBONES = ("resnet18", "mobilenet_v3_large", "tiny")
 
 
 @pytest.mark.parametrize("output_stride", [16, 8])
@@ -60,7 +60,7 @@ def test_unknown_names_raise():
         build_model("deeplabv3plus", "vgg16", 5)
     with pytest.raises(ValueError, match="output_stride"):
         build_model("deeplabv3plus", "resnet18", 5, output_stride=32)
-    assert set(BACKBONES) == {"resnet18", "resnet50", "resnet101", "mobilenet_v3_large"}
+    assert set(BACKBONES) == {"resnet18", "resnet50", "resnet101", "mobilenet_v3_large", "tiny"}
 
 
 @pytest.mark.parametrize("backbone", FAST_BACKBONES)
