@@ -1,4 +1,4 @@
-"""`stpp-ray` command line: demo-data, run, predict."""
+"""`stpp-ray` command line: demo-data, run, compare, predict."""
 
 from __future__ import annotations
 
@@ -29,6 +29,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import render_table, run_compare
+    from .config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    result = run_compare(cfg, args.seeds, Path(args.out), args.oracle_split or None)
+    print("\n" + render_table(result["summary"]) + f"\n\ntable: {Path(args.out).resolve() / 'compare.md'}")
+    return 0
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from .predict import predict_images
 
@@ -52,6 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", required=True, help="YAML config file (see jobs/)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=10")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("compare", help="SupOnly, ST, ST++ and the oracle over several seeds, one table")
+    p.add_argument("-c", "--config", required=True, help="YAML config file (e.g. jobs/demo.yaml)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="values of run.seed (default 0 1 2)")
+    p.add_argument("--out", default="runs/compare", help="output directory (default runs/compare)")
+    p.add_argument("--oracle-split", default="ImageSets/Segmentation/full/labeled.txt",
+                   help="labeled split of the oracle ('' to skip it)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("predict", help="write masks and colour overlays for images")
     p.add_argument("--checkpoint", required=True, help="a weight file (e.g. RUN/student2/final.pt)")

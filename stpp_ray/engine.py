@@ -66,10 +66,11 @@ class TrainSet(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         item = self.items[index]
         image, mask = to_tv(read_image(item.image_path), self._mask(item))
-        torch.manual_seed(sample_seed(self.seed, self.epoch, index))
-        image, mask = self.weak(image, mask)
-        if item.strong:
-            image, mask = self.strong(image, mask)
+        with torch.random.fork_rng(devices=[]):  # augmentation must not disturb the model's RNG
+            torch.manual_seed(sample_seed(self.seed, self.epoch, index))
+            image, mask = self.weak(image, mask)
+            if item.strong:
+                image, mask = self.strong(image, mask)
         return normalize(image.as_subclass(torch.Tensor)), mask.as_subclass(torch.Tensor).long()
 
 

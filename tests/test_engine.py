@@ -106,3 +106,21 @@ def test_two_workers_take_the_same_steps_as_one(tmp_path):
             np.testing.assert_allclose(two["state"][key].numpy(), value.numpy(), rtol=1e-4, atol=1e-5, err_msg=key)
         else:
             assert torch.equal(two["state"][key], value), key
+
+
+def test_augmentation_depends_only_on_seed_epoch_and_index(tmp_path):
+    from stpp_ray.datasets import build_samples
+    from stpp_ray.demo_data import generate_demo_dataset
+    from stpp_ray.engine import TrainItem, TrainSet
+
+    root = generate_demo_dataset(tmp_path / "d", num_train=32, num_val=2, image_size=32)
+    samples = build_samples("voc", root, "ImageSets/Segmentation/1_8/labeled.txt", with_masks=True)
+    items = [TrainItem(s.image_id, str(s.image_path), str(s.mask_path), strong=True) for s in samples]
+    a, b = TrainSet(items, "voc", 24, seed=1), TrainSet(items, "voc", 24, seed=1)
+    b[3]  # a different access history must not matter
+    for i in range(len(items)):
+        assert torch.equal(a[i][0], b[i][0]) and torch.equal(a[i][1], b[i][1])
+    before = torch.get_rng_state()
+    a.set_epoch(1)
+    assert not torch.equal(a[0][0], b[0][0])
+    assert torch.equal(torch.get_rng_state(), before), "loading a sample must leave the global RNG alone"

@@ -1,0 +1,106 @@
+"""`stpp-ray compare`: SupOnly, ST, ST++ and the oracle over several seeds, one table.
+
+For each seed the methods run one after another in one run directory, so the teacher
+is trained once and reused by ST and ST++ (its fingerprint does not depend on the
+method). The oracle trains on every labeled image of `oracle_split` in a directory
+of its own, for the same number of optimisation steps as the teacher.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+from .config import Config, config_from_dict
+from .datasets import read_split
+
+METHOD_LABELS = {"supervised": "SupOnly (teacher)", "st": "ST", "stpp": "ST++", "oracle": "Oracle (all labels)"}
+
+
+def _variant(cfg: Config, source: str, **changes) -> Config:
+    raw = cfg.model_dump()
+    for dotted, value in changes.items():
+        node = raw
+        *parents, leaf = dotted.split("__")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config_from_dict(raw, source)
+
+
+def oracle_epochs(cfg: Config, root: Path, oracle_split: str) -> int:
+    """Epochs giving the oracle as many optimisation steps as the teacher."""
+    labeled = len(read_split(root, cfg.data.labeled_split))
+    full = len(read_split(root, oracle_split))
+    return max(1, round(cfg.train.epochs * labeled / full))
+
+
+def _total_wall(report: dict) -> float:
+    """Compute time of a method: every stage it needed, reused ones included."""
+    return sum(s.get("wall_s") or 0.0 for s in report["stages"])
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Mean, sample standard deviation, min and max of mIoU per method."""
+    out = []
+    for method in METHOD_LABELS:
+        values = [r["miou"] for r in rows if r["method"] == method]
+        if not values:
+            continue
+        walls = [r["wall_s"] for r in rows if r["method"] == method]
+        out.append({
+            "method": method, "label": METHOD_LABELS[method], "seeds": len(values),
+            "miou_mean": statistics.fmean(values),
+            "miou_std": statistics.stdev(values) if len(values) > 1 else math.nan,
+            "miou_min": min(values), "miou_max": max(values),
+            "wall_s_mean": statistics.fmean(walls),
+        })
+    return out
+
+
+def render_table(summary: list[dict]) -> str:
+    lines = ["| method | val mIoU (mean ± std) | min – max | seeds | wall time per run |", "|---|---|---|---|---|"]
+    for s in summary:
+        std = "" if math.isnan(s["miou_std"]) else f" ± {100 * s['miou_std']:.2f}"
+        lines.append(f"| {s['label']} | {100 * s['miou_mean']:.2f}{std} | "
+                     f"{100 * s['miou_min']:.2f} – {100 * s['miou_max']:.2f} | {s['seeds']} | {s['wall_s_mean']:.0f} s |")
+    return "\n".join(lines)
+
+
+def run_compare(cfg: Config, seeds: list[int], out_dir: Path, oracle_split: str | None,
+                methods: tuple[str, ...] = ("supervised", "st", "stpp")) -> dict:
+    from .pipeline import Pipeline
+
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    for seed in seeds:
+        for method in methods:
+            run_cfg = _variant(cfg, f"compare seed {seed} {method}", method=method, run__seed=seed,
+                               run__output_dir=str(out_dir / f"seed{seed}"))
+            print(f"[compare] seed {seed}: {method}", flush=True)
+            report = Pipeline(run_cfg).run()
+            rows.append({"seed": seed, "method": method, "miou": report["final"]["miou"],
+                         "teacher_miou": report["teacher"]["miou"], "wall_s": _total_wall(report)})
+            _write(out_dir, cfg, rows, seeds)
+        if oracle_split:
+            epochs = oracle_epochs(cfg, Path(cfg.data.root).resolve(), oracle_split)
+            run_cfg = _variant(cfg, f"compare seed {seed} oracle", method="supervised", run__seed=seed,
+                               data__labeled_split=oracle_split, train__epochs=epochs,
+                               run__output_dir=str(out_dir / f"seed{seed}_oracle"))
+            print(f"[compare] seed {seed}: oracle ({epochs} epochs on {oracle_split})", flush=True)
+            report = Pipeline(run_cfg).run()
+            rows.append({"seed": seed, "method": "oracle", "miou": report["final"]["miou"],
+                         "teacher_miou": report["teacher"]["miou"], "wall_s": _total_wall(report)})
+            _write(out_dir, cfg, rows, seeds)
+    return _write(out_dir, cfg, rows, seeds)
+
+
+def _write(out_dir: Path, cfg: Config, rows: list[dict], seeds: list[int]) -> dict:
+    summary = summarize(rows)
+    result = {"seeds": seeds, "rows": rows, "summary": summary, "config": cfg.model_dump()}
+    (out_dir / "compare.json").write_text(json.dumps(result, indent=2))
+    (out_dir / "compare.md").write_text("# Method comparison\n\n" + render_table(summary) + "\n")
+    return result

@@ -1,0 +1,26 @@
+import math
+
+import pytest
+
+from stpp_ray.compare import oracle_epochs, render_table, summarize
+from stpp_ray.config import load_config
+
+
+def test_summary_statistics_per_method():
+    rows = [{"method": "stpp", "miou": v, "wall_s": 10.0} for v in (0.40, 0.44, 0.42)]
+    rows.append({"method": "supervised", "miou": 0.30, "wall_s": 5.0})
+    summary = {s["method"]: s for s in summarize(rows)}
+    assert summary["stpp"]["miou_mean"] == pytest.approx(0.42)
+    assert summary["stpp"]["miou_std"] == pytest.approx(0.02)
+    assert (summary["stpp"]["miou_min"], summary["stpp"]["miou_max"]) == (0.40, 0.44)
+    assert math.isnan(summary["supervised"]["miou_std"])  # one seed: no spread
+    table = render_table(summarize(rows))
+    assert "| ST++ | 42.00 ± 2.00 | 40.00 – 44.00 | 3 | 10 s |" in table
+    assert table.index("SupOnly") < table.index("ST++")
+
+
+def test_oracle_gets_as_many_steps_as_the_teacher(tmp_path):
+    (tmp_path / "l.txt").write_text("\n".join(f"a{i}" for i in range(32)))
+    (tmp_path / "f.txt").write_text("\n".join(f"a{i}" for i in range(512)))
+    cfg = load_config(None, ["data.labeled_split=l.txt", "train.epochs=100"])
+    assert oracle_epochs(cfg, tmp_path, "f.txt") == 6  # 100 * 32 / 512 = 6.25
