@@ -26,7 +26,8 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from .checkpoints import architecture, save_weights
 from .config import Config
 from .datasets import Sample
-from .engine import EvalSet, GlobalBatchSampler, TrainItem, TrainSet, build_optimizer, evaluate, poly_scheduler, train_one_epoch
+from .engine import (EvalSet, GlobalBatchSampler, TrainItem, TrainSet, build_optimizer, evaluate, poly_scheduler,
+                     sample_seed, train_one_epoch)
 from .models import build_model, convert_batchnorm_for_distributed, split_parameters
 from .pseudo import read_pseudo_items
 
@@ -141,6 +142,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     for epoch in range(start_epoch + 1, epochs + 1):
         sampler.set_epoch(epoch)
         train_set.set_epoch(epoch)
+        # Dropout draws from the global RNG: seed it per (epoch, rank) so that a run resumed
+        # from a checkpoint repeats exactly what the uninterrupted run would have done.
+        torch.manual_seed(sample_seed(cfg.run.seed, epoch, 1_000_000_000 + rank))
         if spec.fault_epoch == epoch and rank == world - 1 and not (stage_dir / FAULT_MARKER).exists():
             # Simulated crash of one worker process (tests only), a few seconds into the
             # epoch as in a real crash: Ray Train collects the previous epoch's report

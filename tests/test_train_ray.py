@@ -37,3 +37,18 @@ def test_two_worker_teacher_resumes_after_a_killed_worker(ray_local, smoke_data,
     assert 0.0 <= report["teacher"]["miou"] <= 1.0
     assert report["final"]["miou"] == report["teacher"]["miou"]
     assert [s["name"] for s in report["stages"]] == ["check_data", "teacher"]
+
+
+def test_resumed_teacher_equals_an_uninterrupted_one(ray_local, smoke_data, tmp_path):
+    """Nothing lost, nothing changed: a restart from the checkpoint repeats the same training."""
+    faulted = tmp_path / "faulted"
+    args = ["method=supervised", "ray.num_workers=2", "train.epochs=3", "selection.num_checkpoints=1",
+            "train.max_failures=1"]
+    Pipeline(smoke_config(smoke_data, faulted, *args), fault_epoch=3, fault_stage="teacher").run()
+    clean = tmp_path / "clean"
+    Pipeline(smoke_config(smoke_data, clean, *args)).run()
+    assert (faulted / "teacher" / FAULT_MARKER).exists()
+    a, _ = load_model(faulted / "teacher" / "final.pt")
+    b, _ = load_model(clean / "teacher" / "final.pt")
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(x.float(), y.float(), atol=1e-6), name
