@@ -123,7 +123,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
             yield order[start:start + per_rank]
 
 
-def build_optimizer(model: torch.nn.Module, backbone_params, head_params, lr: float, head_lr_multiplier: float,
+def build_optimizer(backbone_params, head_params, lr: float, head_lr_multiplier: float,
                     momentum: float, weight_decay: float) -> torch.optim.SGD:
     """SGD with the paper's 10x learning rate on the head."""
     groups = [

@@ -19,7 +19,7 @@ from typing import Callable
 
 from .checkpoints import architecture
 from .config import Config
-from .datasets import Sample, build_samples, check_disjoint, check_samples, read_split, resolve_path
+from .datasets import Sample, build_samples, check_disjoint, check_samples, resolve_path
 from .demo_data import ensure_demo_dataset
 from .selection import select_reliable, selection_to_json
 

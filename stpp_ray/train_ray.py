@@ -23,7 +23,7 @@ import ray.train.torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from .checkpoints import architecture, save_weights
+from .checkpoints import architecture, save_weights, unwrap
 from .config import Config
 from .datasets import Sample
 from .engine import (EvalSet, GlobalBatchSampler, TrainItem, TrainSet, build_optimizer, evaluate, poly_scheduler,
@@ -115,7 +115,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     val_loader = torch.utils.data.DataLoader(EvalSet(val_samples[rank::world], cfg.data.layout),
                                              batch_size=cfg.train.eval_batch_size)
 
-    optimizer = build_optimizer(model, backbone_params, head_params, cfg.train.lr, cfg.train.head_lr_multiplier,
+    optimizer = build_optimizer(backbone_params, head_params, cfg.train.lr, cfg.train.head_lr_multiplier,
                                 cfg.train.momentum, cfg.train.weight_decay)
     epochs = cfg.stage_epochs(spec.name)
     scheduler = poly_scheduler(optimizer, epochs * len(sampler), cfg.train.poly_power)
@@ -126,7 +126,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             state = torch.load(Path(ckpt_dir) / "state.pt", map_location="cpu", weights_only=True)
-        getattr(model, "module", model).load_state_dict(state["model"])
+        unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, best_miou = state["epoch"], state["best_miou"]
@@ -170,7 +170,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ray.train.report(metrics)  # Ray: every rank reports at each checkpoint epoch
             continue
         with tempfile.TemporaryDirectory() as tmp:
-            torch.save({"model": getattr(model, "module", model).state_dict(), "optimizer": optimizer.state_dict(),
+            torch.save({"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "epoch": epoch, "best_miou": best_miou},
                        Path(tmp) / "state.pt")
             # Ray: rank 0 reports the resumable state; Ray copies it to the run's storage.

@@ -39,7 +39,7 @@ def test_sampler_refuses_impossible_shapes():
 
 def test_poly_schedule():
     p = torch.nn.Parameter(torch.zeros(1))
-    opt = build_optimizer(None, [p], [], lr=0.1, head_lr_multiplier=10, momentum=0.9, weight_decay=0)
+    opt = build_optimizer([p], [], lr=0.1, head_lr_multiplier=10, momentum=0.9, weight_decay=0)
     sched = poly_scheduler(opt, total_iters=10, power=0.9)
     for _ in range(5):
         opt.step()
@@ -66,7 +66,7 @@ def _one_step(world: int, rank: int) -> dict:
     if world > 1:
         model = convert_batchnorm_for_distributed(model, "cpu")
         model = torch.nn.parallel.DistributedDataParallel(model)
-    opt = build_optimizer(model, backbone, head, lr=0.05, head_lr_multiplier=10, momentum=0.9, weight_decay=1e-4)
+    opt = build_optimizer(backbone, head, lr=0.05, head_lr_multiplier=10, momentum=0.9, weight_decay=1e-4)
     sched = poly_scheduler(opt, 10, 0.9)
     x, y = _data()
     per = len(x) // world
