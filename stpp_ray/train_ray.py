@@ -8,7 +8,6 @@ metrics and checkpoints. The driver side is `fit_stage`.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 import tempfile
@@ -88,7 +87,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     """Runs on every Ray Train worker: plain PyTorch DDP training of one stage."""
     cfg = Config.model_validate(loop_config["config"])
     spec = StageSpec(**loop_config["stage"])
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # our own progress lines suffice
     stage_dir = Path(spec.stage_dir)
     ctx = ray.train.get_context()  # Ray: this worker's rank and the world size
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
