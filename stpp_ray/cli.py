@@ -1,4 +1,4 @@
-"""`stpp-ray` command line: demo-data, run, compare, predict."""
+"""`stpp-ray` command line: demo-data, run, compare, sweep, predict."""
 
 from __future__ import annotations
 
@@ -39,6 +39,19 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from .tune_ray import run_sweep
+
+    summary = run_sweep(args.config, args.overrides, retry_failed=args.retry_failed)
+    print(f"\nsweep: {len(summary['trials'])} trials ({summary['counts']}), "
+          f"teacher trainings: {summary['teacher_trainings']}")
+    if summary["best"]:
+        best = summary["best"]
+        print(f"best {summary['metric']} {100 * best[summary['metric']]:.2f} ({best['name']}); to run it:\n  {best['command']}")
+    print(f"table: {Path(summary['sweep_dir']) / 'sweep.md'}")
+    return 0 if summary["best"] else 1
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from .predict import predict_images
 
@@ -71,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="labeled split of the oracle ('' to skip it)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("sweep", help="Ray Tune sweep (R and K by default) sharing one teacher")
+    p.add_argument("-c", "--config", required=True, help="YAML config file with a sweep: section (e.g. jobs/sweep_demo.yaml)")
+    p.add_argument("--retry-failed", action="store_true", help="when resuming, run failed trials again")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides of the base config")
+    p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("predict", help="write masks and colour overlays for images")
     p.add_argument("--checkpoint", required=True, help="a weight file (e.g. RUN/student2/final.pt)")

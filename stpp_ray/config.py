@@ -109,6 +109,10 @@ class TrainConfig(_Section):
 class SelectionConfig(_Section):
     reliable_fraction: float = Field(0.5, gt=0, le=1, description="R: fraction of unlabeled images kept as reliable (top by stability).")
     num_checkpoints: int = Field(3, ge=1, description="K: teacher checkpoints at epochs floor(i*E/K), i=1..K, for stability scoring.")
+    extra_checkpoint_counts: list[int] = Field(
+        [],
+        description="More K values whose checkpoints the teacher also saves and the labeling also scores, so one teacher serves them all (`stpp-ray sweep` sets it).",
+    )
 
 
 class LabelConfig(_Section):
@@ -141,6 +145,27 @@ class RunSection(_Section):
     seed: int = Field(0, description="Seed of initialisation, data order and augmentation.")
 
 
+class SweepConfig(_Section):
+    params: dict[str, Any] = Field(
+        {"selection.reliable_fraction": [0.3, 0.5, 0.7], "selection.num_checkpoints": [2, 3, 4]},
+        description="Search space of `stpp-ray sweep`: dotted key -> list of values (grid, or a choice in random search), "
+        "or in random search `{uniform: [lo, hi]}`, `{loguniform: [lo, hi]}`, `{randint: [lo, hi]}` (hi exclusive).",
+    )
+    search: Literal["grid", "random"] = Field("grid", description="`grid`: every combination; `random`: `sweep.num_samples` draws.")
+    num_samples: int = Field(1, ge=1, description="Grid: repeats of the whole grid; random: number of trials.")
+    metric: Literal["final_miou", "best_miou"] = Field(
+        "final_miou", description="What ranks trials: the last student's val mIoU at its last epoch, or its best val mIoU."
+    )
+    mode: Literal["max", "min"] = Field("max", description="Whether the metric is maximised or minimised.")
+    max_concurrent_trials: int = Field(1, ge=1, description="Trials running at once (each needs its Train workers' resources).")
+    scheduler: Literal["none", "asha"] = Field(
+        "none", description="`asha` stops trials whose students' val mIoU lags at the same point of training."
+    )
+    asha_grace_period: int = Field(1, ge=1, description="ASHA: student reports a trial makes before it can be stopped.")
+    asha_reduction_factor: float = Field(2.0, gt=1, description="ASHA: fraction 1/x of trials kept at each rung.")
+    trial_max_failures: int = Field(0, ge=0, description="Retries of a failed trial (it resumes from its finished stages).")
+
+
 class Config(_Section):
     method: Literal["supervised", "st", "stpp"] = Field("stpp", description="Pipeline: `supervised` (SupOnly), `st` or `stpp`.")
     data: DataConfig = Field(default_factory=DataConfig)
@@ -150,6 +175,7 @@ class Config(_Section):
     label: LabelConfig = Field(default_factory=LabelConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     run: RunSection = Field(default_factory=RunSection)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":
@@ -158,6 +184,9 @@ class Config(_Section):
                 f"selection.num_checkpoints (K={self.selection.num_checkpoints}) must not exceed "
                 f"train.epochs ({self.train.epochs}): checkpoints are saved at distinct epochs"
             )
+        for k in self.selection.extra_checkpoint_counts:
+            if not 1 <= k <= self.train.epochs:
+                raise ValueError(f"selection.extra_checkpoint_counts: K={k} must lie in [1, train.epochs={self.train.epochs}]")
         if self.train.batch_size % self.ray.num_workers:
             raise ValueError(
                 f"train.batch_size ({self.train.batch_size}) must be divisible by ray.num_workers "
@@ -176,6 +205,11 @@ class Config(_Section):
     def checkpoint_epochs(self) -> list[int]:
         """The K ST++ checkpoint epochs (1-based): floor(i * E / K) for i = 1..K."""
         return checkpoint_epochs(self.train.epochs, self.selection.num_checkpoints)
+
+    def scoring_checkpoint_epochs(self) -> list[int]:
+        """Epochs the teacher saves and the labeling scores: the union over K and the extra K values."""
+        counts = [self.selection.num_checkpoints, *self.selection.extra_checkpoint_counts]
+        return sorted({e for k in counts for e in checkpoint_epochs(self.train.epochs, k)})
 
     def fingerprint(self, *sections: str) -> str:
         """Stable hash of the given top-level sections (or dotted keys) of this config."""
@@ -248,6 +282,12 @@ def config_from_dict(raw: dict, source: str = "<dict>") -> Config:
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load a YAML config and apply dotted ``key=value`` overrides; errors name the file and key."""
+    raw, source = load_raw(path, overrides)
+    return config_from_dict(raw, source)
+
+
+def load_raw(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> tuple[dict, str]:
+    """The YAML mapping with overrides applied, not yet validated, and a description of its source."""
     raw: dict = {}
     source = "defaults"
     if path is not None:
@@ -265,7 +305,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     raw = apply_overrides(raw, overrides)
     if overrides:
         source += " with overrides " + " ".join(overrides)
-    return config_from_dict(raw, source)
+    return raw, source
 
 
 def reference_markdown() -> str:

@@ -8,11 +8,13 @@ printed. Training stages resume inside the stage from Ray Train's last checkpoin
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -27,14 +29,41 @@ TEACHER_KEYS = (
     "data.layout", "data.root", "data.num_classes", "data.labeled_split", "data.val_split", "data.crop_size",
     "data.demo", "data.demo_seed", "data.demo_num_train", "data.demo_num_val", "data.demo_image_size", "model", "train.epochs", "train.batch_size", "train.lr",
     "train.head_lr_multiplier", "train.momentum", "train.weight_decay", "train.poly_power",
-    "train.eval_interval", "train.amp", "train.sync_batchnorm", "selection.num_checkpoints", "run.seed",
+    "train.eval_interval", "train.amp", "train.sync_batchnorm", "run.seed",
 )
 LABEL_KEYS = ("data.unlabeled_split", "label.teacher", "label.tta", "label.tta_scales")
-SELECT_KEYS = ("selection.reliable_fraction",)
+SELECT_KEYS = ("selection.reliable_fraction", "selection.num_checkpoints")
+# Stages that depend on neither R nor K: a sweep runs them once per distinct teacher config.
+SHARED_STAGES = ("check_data", "teacher", "label_teacher")
 
 
 def chain(parent: str, *parts: str) -> str:
     return hashlib.sha256("/".join((parent,) + parts).encode()).hexdigest()[:16]
+
+
+def teacher_fingerprint(cfg: Config) -> str:
+    """The teacher's config keys plus the epochs it saves checkpoints at (not K itself)."""
+    return chain(cfg.fingerprint(*TEACHER_KEYS), "checkpoints", str(cfg.scoring_checkpoint_epochs()))
+
+
+def shared_fingerprint(cfg: Config) -> str:
+    """Fingerprint of the shared stages (teacher and its labeling pass)."""
+    return chain(teacher_fingerprint(cfg), cfg.fingerprint(*LABEL_KEYS), cfg.method)
+
+
+@contextmanager
+def _locked(path: Path | None):
+    """Exclusive lock on `path` (no-op for None): concurrent trials wait for one shared teacher."""
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @dataclass
@@ -69,6 +98,7 @@ class Manifest:
 
 
 def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str))
     os.replace(tmp, path)
@@ -77,13 +107,24 @@ def _write_json(path: Path, obj) -> None:
 class Pipeline:
     """Builds and runs the stage graph of `cfg.method` in `cfg.run.output_dir`."""
 
-    def __init__(self, cfg: Config, fault_epoch: int = 0, fault_stage: str = ""):
+    def __init__(self, cfg: Config, fault_epoch: int = 0, fault_stage: str = "", shared_root: Path | None = None,
+                 train_callbacks: Callable[[], list] | None = None):
+        """`shared_root` (sweeps): the shared stages live in `shared_root/<shared fingerprint>`,
+        reused by every run with the same teacher config. `train_callbacks` makes the Ray Train
+        callbacks of each student stage (a sweep's Tune reporting)."""
         self.cfg = cfg
         self.run_dir = Path(cfg.run.output_dir).resolve()
         self.root = Path(cfg.data.root).resolve()
         self.fault_epoch, self.fault_stage = fault_epoch, fault_stage
+        self.shared_dir = Path(shared_root).resolve() / shared_fingerprint(cfg) if shared_root else self.run_dir
+        self.train_callbacks = train_callbacks
         self.manifest = Manifest(self.run_dir / "manifest.json")
+        self.shared_manifest = Manifest(self.shared_dir / "manifest.json") if shared_root else self.manifest
         self.results: dict[str, dict] = {}
+
+    def home(self, stage: str) -> Path:
+        """Directory holding a stage's outputs."""
+        return self.shared_dir if stage in SHARED_STAGES else self.run_dir
 
     # ---- data -----------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -124,7 +165,8 @@ class Pipeline:
         from .train_ray import StageSpec, fit_stage
 
         def run() -> dict:
-            stage_dir = self.run_dir / name
+            home = self.home(name)
+            stage_dir = home / name
             marker = stage_dir / ".fingerprint"
             if stage_dir.exists() and (not marker.exists() or marker.read_text() != fp):
                 shutil.rmtree(stage_dir)  # outputs of another config: never mixed with this one's
@@ -133,7 +175,8 @@ class Pipeline:
             spec = StageSpec(name=name, stage_dir=str(stage_dir), fingerprint=fp, labeled=self._rows(self.labeled),
                              val=self._rows(self.val), pseudo=pseudo(), checkpoint_epochs=checkpoint_epochs,
                              fault_epoch=self.fault_epoch if name == self.fault_stage else 0)
-            result = fit_stage(self.cfg, spec, self.run_dir / "ray_train")
+            callbacks = self.train_callbacks() if self.train_callbacks and name not in SHARED_STAGES else []
+            result = fit_stage(self.cfg, spec, home / "ray_train", callbacks=callbacks)
             result["final_checkpoint"] = str(stage_dir / "final.pt")
             result["checkpoints"] = [str(stage_dir / "checkpoints" / f"epoch_{e:03d}.pt") for e in checkpoint_epochs]
             return result
@@ -151,7 +194,10 @@ class Pipeline:
                 label_ckpt = str(Path(label_ckpt).with_name("best.pt"))
             ckpts = trained["checkpoints"] if scoring else [label_ckpt]
             samples = images()
-            out = self.run_dir / "pseudo_labels" / model_stage
+            out = self.home(name) / "pseudo_labels" / model_stage
+            if not samples:  # e.g. R = 1 leaves no unreliable image for student1 to label
+                print(f"[{name}] no images to label", flush=True)
+                return {"images": 0, "wall_s": 0.0, "images_per_s": None, "parquet_dir": str(out)}
             print(f"[{name}] labeling {len(samples)} images with {model_stage} "
                   f"({len(ckpts)} checkpoint(s) scored, TTA {'on' if self.cfg.label.tta else 'off'})", flush=True)
             stats = run_labeling(self.cfg, [(s.image_id, str(s.image_path)) for s in samples], ckpts, label_ckpt,
@@ -167,7 +213,8 @@ class Pipeline:
 
         def run() -> dict:
             start = time.perf_counter()
-            sel = select_reliable(scores(self.results["label_teacher"]["parquet_dir"]),
+            # The score of this K from the stored per-checkpoint IoUs (the teacher may have saved more).
+            sel = select_reliable(scores(self.results["label_teacher"]["parquet_dir"], self.cfg.checkpoint_epochs()),
                                   self.cfg.selection.reliable_fraction)
             _write_json(self.run_dir / "selection.json", selection_to_json(sel))
             return {"wall_s": time.perf_counter() - start, "reliable": sel.reliable, "unreliable": sel.unreliable,
@@ -181,14 +228,12 @@ class Pipeline:
 
     def stages(self) -> list[Stage]:
         cfg = self.cfg
-        ckpt_epochs = cfg.checkpoint_epochs()
         final_only = [cfg.stage_epochs("student")]
         data = self.data_stage()
-        teacher_fp = cfg.fingerprint(*TEACHER_KEYS)
-        graph = [data, self.train_stage("teacher", teacher_fp, lambda: [], ckpt_epochs)]
+        graph = [data, self.train_stage("teacher", teacher_fingerprint(cfg), lambda: [], cfg.scoring_checkpoint_epochs())]
         if cfg.method == "supervised":
             return graph
-        label_fp = chain(teacher_fp, cfg.fingerprint(*LABEL_KEYS), cfg.method)
+        label_fp = shared_fingerprint(cfg)
         all_u = lambda: self.unlabeled  # noqa: E731
         graph.append(self.label_stage("label_teacher", label_fp, "teacher", all_u, scoring=cfg.method == "stpp"))
         if cfg.method == "st":
@@ -221,27 +266,52 @@ class Pipeline:
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.prepare_data()
-        timeline = []
-        for stage in self.stages():
-            previous = self.manifest.done(stage)
-            if previous is not None:
-                print(f"[pipeline] stage '{stage.name}' already done: reusing its outputs", flush=True)
-                self.results[stage.name] = previous
-                timeline.append({"name": stage.name, "reused": True, **_brief(previous)})
-                continue
-            if stage.name != "check_data":
-                from .ray_session import init_ray
-                init_ray(self.cfg)
-            print(f"[pipeline] stage '{stage.name}' starting", flush=True)
-            start = time.perf_counter()
-            result = stage.run()
-            result.setdefault("wall_s", time.perf_counter() - start)
-            self.results[stage.name] = result
-            self.manifest.record(stage, result)
-            timeline.append({"name": stage.name, "reused": False, **_brief(result)})
-            write_report(self.cfg, self.run_dir, self.results, timeline, partial=True)
+        timeline: list[dict] = []
+        stages = self.stages()
+        lock = self.shared_dir.with_suffix(".lock") if self.shared_dir != self.run_dir else None
+        with _locked(lock):
+            for stage in stages:
+                if stage.name in SHARED_STAGES:
+                    self._run_stage(stage, self.shared_manifest, timeline)
+        for stage in stages:
+            if stage.name not in SHARED_STAGES:
+                self._run_stage(stage, self.manifest, timeline)
         return write_report(self.cfg, self.run_dir, self.results, timeline, partial=False,
                             image_paths={s.image_id: str(s.image_path) for s in self.unlabeled})
+
+    def run_shared(self) -> dict[str, dict]:
+        """Only the shared stages (a sweep's driver runs them before any trial)."""
+        self.shared_dir.mkdir(parents=True, exist_ok=True)
+        self.prepare_data()
+        timeline: list[dict] = []
+        lock = self.shared_dir.with_suffix(".lock") if self.shared_dir != self.run_dir else None
+        with _locked(lock):
+            for stage in self.stages():
+                if stage.name in SHARED_STAGES:
+                    self._run_stage(stage, self.shared_manifest, timeline, report=False)
+        return {entry["name"]: entry for entry in timeline}
+
+    def _run_stage(self, stage: Stage, manifest: Manifest, timeline: list[dict], report: bool = True) -> None:
+        from .report import write_report
+
+        previous = manifest.done(stage)
+        if previous is not None:
+            print(f"[pipeline] stage '{stage.name}' already done: reusing its outputs", flush=True)
+            self.results[stage.name] = previous
+            timeline.append({"name": stage.name, "reused": True, **_brief(previous)})
+            return
+        if stage.name != "check_data":
+            from .ray_session import init_ray
+            init_ray(self.cfg)
+        print(f"[pipeline] stage '{stage.name}' starting", flush=True)
+        start = time.perf_counter()
+        result = stage.run()
+        result.setdefault("wall_s", time.perf_counter() - start)
+        self.results[stage.name] = result
+        manifest.record(stage, result)
+        timeline.append({"name": stage.name, "reused": False, **_brief(result)})
+        if report:
+            write_report(self.cfg, self.run_dir, self.results, timeline, partial=True)
 
 
 def _brief(result: dict) -> dict:

@@ -213,3 +213,26 @@ def per_class_iou_chart(class_names: Sequence[str], series: dict[str, Sequence[f
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def sweep_heatmap(r_values: Sequence[float], k_values: Sequence[int], cells: Sequence[Sequence[float | None]],
+                  out_png, *, title: str = "val mIoU (%) over R and K") -> Path:
+    """Heat map of a metric over (R, K): rows K, columns R; cells without a result are blank."""
+    path = _prepare(out_png)
+    grid = np.array([[np.nan if v is None else 100 * float(v) for v in row] for row in cells], dtype=np.float64)
+    if grid.shape != (len(k_values), len(r_values)):
+        raise ValueError(f"cells have shape {grid.shape}, expected {(len(k_values), len(r_values))}")
+    fig, ax = plt.subplots(figsize=(1.2 * len(r_values) + 2.5, 0.9 * len(k_values) + 1.8))
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", aspect="auto")
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            text = "–" if np.isnan(grid[i, j]) else f"{grid[i, j]:.1f}"
+            ax.text(j, i, text, ha="center", va="center", color="white", fontsize=9)
+    ax.set_xticks(range(len(r_values)), [f"{r:g}" for r in r_values])
+    ax.set_yticks(range(len(k_values)), [str(k) for k in k_values])
+    ax.set_xlabel("R (reliable fraction)")
+    ax.set_ylabel("K (checkpoints)")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    return _save(fig, path)

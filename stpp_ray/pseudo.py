@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 
 from .engine import TrainItem
+from .stability import stability_for_checkpoints
 
 SCHEMA = pa.schema([
     ("image_id", pa.string()),
@@ -68,7 +69,19 @@ def read_pseudo_items(parquet_dir: str | Path, image_paths: Mapping[str, str]) -
     return [TrainItem(i, path, mask_png=masks[i], strong=True) for i, path in sorted(image_paths.items())]
 
 
-def scores(parquet_dir: str | Path) -> dict[str, float]:
-    """Stability score per image id."""
-    table = read_table(parquet_dir, ["image_id", "stability"])
-    return dict(zip(table.column("image_id").to_pylist(), table.column("stability").to_pylist()))
+def scores(parquet_dir: str | Path, checkpoint_epochs: list[int] | None = None) -> dict[str, float]:
+    """Stability score per image id: the `stability` column, or with `checkpoint_epochs` (the
+    K epochs, final last) the score of that K from the stored per-checkpoint IoUs."""
+    if checkpoint_epochs is None:
+        table = read_table(parquet_dir, ["image_id", "stability"])
+        return dict(zip(table.column("image_id").to_pylist(), table.column("stability").to_pylist()))
+    table = read_table(parquet_dir, ["image_id", "ckpt_miou", "ckpt_epochs"])
+    out = {}
+    for image_id, ious, epochs in zip(table.column("image_id").to_pylist(), table.column("ckpt_miou").to_pylist(),
+                                      table.column("ckpt_epochs").to_pylist()):
+        try:
+            out[image_id] = stability_for_checkpoints(dict(zip(epochs, ious)), checkpoint_epochs)
+        except KeyError as err:
+            raise PseudoLabelError(f"{parquet_dir}: image {image_id}: {err.args[0]}; the teacher's checkpoints "
+                                   f"do not cover K={len(checkpoint_epochs)}") from None
+    return out

@@ -9,8 +9,11 @@ import ray
 from .config import Config
 
 
-def init_ray(cfg: Config) -> None:
-    """Join the configured cluster, or start a local instance bound to loopback."""
+def init_ray(cfg: Config, extra_cpus: int = 0) -> None:
+    """Join the configured cluster, or start a local instance bound to loopback.
+
+    `extra_cpus`: logical CPUs added to a local instance for processes that mostly wait
+    (a sweep's trial drivers), so that they do not take the cores the workers need."""
     if ray.is_initialized():
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
@@ -19,7 +22,7 @@ def init_ray(cfg: Config) -> None:
         ray.init(address=address, log_to_driver=True)
         return
     ray.init(
-        num_cpus=cfg.ray.local_num_cpus or os.cpu_count(),
+        num_cpus=(cfg.ray.local_num_cpus or os.cpu_count()) + extra_cpus,
         include_dashboard=True,  # hosts the state API that Ray Train and Tune query
         dashboard_host="127.0.0.1",
         _node_ip_address="127.0.0.1",  # a local instance listens on loopback only

@@ -45,6 +45,19 @@ def stability_score(preds: Sequence, num_classes: int) -> float:
     return float(np.mean(values))
 
 
+def stability_for_checkpoints(ious_by_epoch: dict[int, float], epochs: Sequence[int]) -> float:
+    """The stability score with the K checkpoints at `epochs` (the last the final one), from
+    stored IoUs of earlier checkpoints vs the final one: equals `stability_score` of those K
+    checkpoints' predictions, so one labeling pass over a union of checkpoints serves every K."""
+    earlier = list(epochs)[:-1]
+    missing = [e for e in earlier if e not in ious_by_epoch]
+    if missing:
+        raise KeyError(f"no stored IoU for checkpoint epoch(s) {missing} (stored: {sorted(ious_by_epoch)})")
+    if not earlier:
+        return float("nan")
+    return float(np.mean([ious_by_epoch[e] for e in earlier]))
+
+
 def batched_checkpoint_ious(preds: torch.Tensor, num_classes: int) -> torch.Tensor:
     """K x B x H x W int predictions -> B x (K-1) float64 checkpoint IoUs, one bincount."""
     if preds.dim() != 4:

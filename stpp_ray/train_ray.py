@@ -52,6 +52,8 @@ def build_train_items(spec: StageSpec) -> list[TrainItem]:
     labeled = [TrainItem(i, img, mask) for i, img, mask in spec.labeled]
     pseudo: list[TrainItem] = []
     for source in spec.pseudo:
+        if not source["image_paths"]:
+            continue  # an empty selection (R * |U| < 1, or R = 1 for the unreliable part)
         pseudo.extend(read_pseudo_items(source["parquet_dir"], source["image_paths"]))
     if pseudo and labeled:
         repeat = -(-len(pseudo) // len(labeled))
@@ -223,8 +225,10 @@ def _log_epoch(writer, stage: str, record: dict, epochs: int) -> None:
         writer.flush()
 
 
-def fit_stage(cfg: Config, spec: StageSpec, storage_path: Path) -> dict:
-    """Run one training stage on Ray Train; rerunning resumes from its last checkpoint."""
+def fit_stage(cfg: Config, spec: StageSpec, storage_path: Path, callbacks: list | None = None) -> dict:
+    """Run one training stage on Ray Train; rerunning resumes from its last checkpoint.
+
+    `callbacks`: Ray Train user callbacks, e.g. Tune's `TuneReportCallback` inside a sweep trial."""
     resources = {"CPU": cfg.ray.cpus_per_worker}
     if cfg.ray.use_gpu:
         resources["GPU"] = 1
@@ -240,6 +244,7 @@ def fit_stage(cfg: Config, spec: StageSpec, storage_path: Path) -> dict:
             storage_path=str(storage_path.resolve()),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=list(callbacks or []),
         ),
     )
     start = time.perf_counter()
