@@ -161,7 +161,10 @@ def build_backbone(backbone: str, output_stride: int = 16, pretrained: str = "no
 def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"backbone weights file not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - pickle, zip and format errors alike
+        raise ValueError(f"{path}: not a readable PyTorch weights file ({type(err).__name__}: {str(err)[:200]})") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

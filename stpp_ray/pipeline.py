@@ -140,6 +140,10 @@ class Pipeline:
             self.unlabeled = build_samples(d.layout, self.root, d.unlabeled_split, with_masks=False)
             check_disjoint([s.image_id for s in self.labeled], [s.image_id for s in self.unlabeled],
                            [s.image_id for s in self.val])
+        if cfg.model.pretrained not in ("none", "imagenet"):
+            from .models import build_backbone
+            # Fail here, naming the file, rather than inside every Train worker.
+            build_backbone(cfg.model.backbone, cfg.model.output_stride, cfg.model.pretrained)
         if len(self.labeled) < cfg.train.batch_size:
             raise ValueError(f"{resolve_path(self.root, d.labeled_split)}: {len(self.labeled)} labeled images "
                              f"are fewer than one global batch (train.batch_size={cfg.train.batch_size})")
