@@ -7,13 +7,32 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray instance (2 CPUs) shared by all integration tests."""
+def ray_cluster():
+    """A 3-node Ray cluster on this machine shared by all integration tests: a head that
+    runs no tasks (0 CPUs, as on a real cluster) and two worker nodes with 1 CPU each, so
+    Train workers and labeling actors land on different nodes. All nodes see the same
+    filesystem, as a real cluster sees its shared storage."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1", "node_ip_address": "127.0.0.1",
+    })
+    workers = [cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", object_store_memory=300 * 1024 * 1024)
+               for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    yield cluster, workers
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_local(ray_cluster):
+    """The connected `ray` module (2 CPUs in all, spread over two worker nodes)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1")
-    yield ray
-    ray.shutdown()
+    return ray
 
 
 @pytest.fixture(scope="session")

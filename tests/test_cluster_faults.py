@@ -1,0 +1,119 @@
+"""Faults on the multi-node test cluster: a worker node lost during labeling."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from stpp_ray.checkpoints import save_weights
+from stpp_ray.config import Config
+from stpp_ray.models import build_model
+from stpp_ray.pseudo import read_table
+
+ARCH = {"name": "deeplabv3plus", "backbone": "resnet18", "output_stride": 8, "aspp_channels": 16, "num_classes": 4}
+
+
+def _labeler_nodes(ray) -> set[str]:
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+    return {a.node_id for a in actors if "ArrowLabeler" in (a.class_name or "")}
+
+
+@pytest.mark.ray
+def test_labeling_completes_exactly_once_when_a_worker_node_is_removed(ray_cluster, tmp_path):
+    import ray
+
+    from stpp_ray.label_ray import run_labeling
+
+    cluster, _ = ray_cluster
+    extra = cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", object_store_memory=300 * 1024 * 1024)
+    cluster.wait_for_nodes()
+    # Slow enough per batch (ResNet-18 at 96 px, K = 3, one image per batch) that the node
+    # is removed while most of the pool is still to be labeled.
+    paths = []
+    for epoch in (1, 2, 3):
+        torch.manual_seed(epoch)
+        paths.append(str(tmp_path / f"epoch_{epoch:03d}.pt"))
+        save_weights(paths[-1], build_model("deeplabv3plus", "resnet18", 4, output_stride=8, aspp_channels=16),
+                     ARCH, epoch=epoch)
+    rng = np.random.default_rng(0)
+    images = []
+    for i in range(120):
+        path = tmp_path / f"u{i:03d}.png"
+        Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)).save(path)
+        images.append((f"u{i:03d}", str(path)))
+    cfg = Config.model_validate({"label": {"batch_size": 1, "rows_per_file": 8}})
+    out = tmp_path / "pseudo"
+    result: dict = {}
+
+    def label():
+        try:
+            result["stats"] = run_labeling(cfg, images, paths, paths[-1], out, ARCH)
+        except Exception as err:  # noqa: BLE001 - reported by the assertion below
+            result["error"] = err
+
+    worker = threading.Thread(target=label)
+    worker.start()
+    extra_id = extra.node_id
+    deadline = time.time() + 120
+    while extra_id not in _labeler_nodes(ray) and worker.is_alive() and time.time() < deadline:
+        time.sleep(0.5)
+    assert worker.is_alive(), "labeling finished before any actor ran on the extra node"
+    time.sleep(2)  # let that actor take batches
+    assert worker.is_alive(), "labeling finished before the node could be removed"
+    cluster.remove_node(extra, allow_graceful=False)
+    removed_at = time.time()
+    worker.join(timeout=300)
+    assert not worker.is_alive(), "labeling did not finish after the node was removed"
+    assert "error" not in result, result.get("error")
+    ids = read_table(out, ["image_id"]).column("image_id").to_pylist()
+    assert sorted(ids) == sorted(i for i, _ in images)  # every image exactly once
+    print(f"labeling finished {time.time() - removed_at:.1f} s after the node was removed; "
+          f"{result['stats']['wall_s']:.1f} s in all")
+
+
+@pytest.mark.ray
+def test_driver_killed_mid_run_and_the_same_command_completes(ray_cluster, smoke_data, tmp_path):
+    """`stpp-ray run` SIGKILLed during the student: rerun reuses teacher and labeling."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import SMOKE
+
+    cluster, _ = ray_cluster
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "stpp_ray", "run", "-c", SMOKE, "method=st", f"data.root={smoke_data}",
+           f"run.output_dir={out}", f"ray.address={cluster.address}", "train.epochs=2", "train.student_epochs=3"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        manifest = out / "manifest.json"
+        deadline = time.time() + 400
+        while time.time() < deadline and first.poll() is None:
+            stages = json.loads(manifest.read_text())["stages"] if manifest.exists() else {}
+            if "label_teacher" in stages and list((out / "ray_train").glob("student-*/epoch_*")):
+                break  # the student has reported its first epoch checkpoint
+            time.sleep(0.5)
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        killed_at = time.time()
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    before = json.loads(manifest.read_text())["stages"]
+    assert "student" not in before
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    log = second.stdout + second.stderr
+    assert "stage 'teacher' already done" in log and "stage 'label_teacher' already done" in log
+    after = json.loads(manifest.read_text())["stages"]
+    for name in ("check_data", "teacher", "label_teacher"):
+        assert after[name]["finished_at"] == before[name]["finished_at"]
+    assert after["student"]["result"]["epochs"] == 3
+    assert "[student] resuming after epoch" in log
+    print(f"rerun finished {time.time() - killed_at:.1f} s after the kill")
