@@ -224,10 +224,13 @@ def sweep_heatmap(r_values: Sequence[float], k_values: Sequence[int], cells: Seq
         raise ValueError(f"cells have shape {grid.shape}, expected {(len(k_values), len(r_values))}")
     fig, ax = plt.subplots(figsize=(1.2 * len(r_values) + 2.5, 0.9 * len(k_values) + 1.8))
     image = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", aspect="auto")
+    finite = grid[np.isfinite(grid)]
+    middle = (finite.min() + finite.max()) / 2 if finite.size else 0.0
     for i in range(grid.shape[0]):
         for j in range(grid.shape[1]):
             text = "–" if np.isnan(grid[i, j]) else f"{grid[i, j]:.1f}"
-            ax.text(j, i, text, ha="center", va="center", color="white", fontsize=9)
+            bright = np.isfinite(grid[i, j]) and grid[i, j] > middle  # viridis is light at the top
+            ax.text(j, i, text, ha="center", va="center", color="black" if bright else "white", fontsize=9)
     ax.set_xticks(range(len(r_values)), [f"{r:g}" for r in r_values])
     ax.set_yticks(range(len(k_values)), [str(k) for k in k_values])
     ax.set_xlabel("R (reliable fraction)")

@@ -185,7 +185,8 @@ def render_markdown(summary: dict) -> str:
     keys = sorted({k for t in summary["trials"] for k in t["params"]})
     lines = [f"# Sweep of {summary['config_path']}", "",
              f"- search: {summary['search']} over {', '.join(f'`{k}`' for k in keys)}; metric `{metric}` ({summary['mode']})",
-             f"- trials: {len(summary['trials'])} ({summary['counts']})",
+             f"- trials: {len(summary['trials'])} ({summary['counts']}), up to "
+             f"{summary.get('max_concurrent_trials', 1)} at a time (their wall times overlap)",
              f"- teacher trainings: **{summary['teacher_trainings']}**", ""]
     for shared in summary["shared"]:
         lines.append(f"- shared teacher `{shared['dir']}`: val mIoU {_pct(shared.get('teacher_miou'))}, "
@@ -206,10 +207,11 @@ def render_markdown(summary: dict) -> str:
         lines += ["No trial completed."]
     compute = summary["compute"]
     lines += ["", "## Compute", "",
+              "Sums of measured stage wall times (trials running at once overlap in time):", "",
               f"- this sweep: {compute['shared_s']:.0f} s of shared stages + {compute['trials_s']:.0f} s of trial "
               f"stages = **{compute['total_s']:.0f} s** (wall of this invocation: {summary['wall_s']:.0f} s)",
-              f"- a naive sweep (teacher and labeling again in every trial), from the same measured stage times: "
-              f"**{compute['naive_estimate_s']:.0f} s**"]
+              f"- a naive sweep, which trains the teacher and labels the pool again in every trial: the same trial "
+              f"stages plus one shared-stage cost per trial = **{compute['naive_estimate_s']:.0f} s**"]
     if summary.get("heatmap"):
         lines += ["", f"![{metric} over R and K]({summary['heatmap']})"]
     return "\n".join(lines) + "\n"

@@ -216,6 +216,7 @@ def write_sweep_outputs(sweep_dir: Path, config_path: str, overrides: list[str],
     summary = {
         "sweep_dir": str(sweep_dir), "config_path": config_path, "overrides": overrides, "search": cfg.sweep.search,
         "params": cfg.sweep.params, "metric": cfg.sweep.metric, "mode": cfg.sweep.mode,
+        "max_concurrent_trials": cfg.sweep.max_concurrent_trials,
         "teacher_trainings": sum(s["teacher_trained"] for s in shared),
         "shared": shared, "trials": trials, "best": best,
         "counts": ", ".join(f"{n} {status}" for status, n in sorted(counts.items())),

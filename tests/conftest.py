@@ -21,7 +21,7 @@ def ray_cluster():
     workers = [cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", object_store_memory=300 * 1024 * 1024)
                for _ in range(2)]
     cluster.wait_for_nodes()
-    ray.init(address=cluster.address)
+    ray.init(address=cluster.address, _node_ip_address="127.0.0.1")  # the nodes listen on loopback only
     yield cluster, workers
     ray.shutdown()
     cluster.shutdown()
