@@ -4,6 +4,9 @@ import pytest
 
 os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Nodes of ray.cluster_utils.Cluster otherwise advertise this machine's external address,
+# which is not reachable here; with this, every node and driver uses 127.0.0.1.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 @pytest.fixture(scope="session")

@@ -46,7 +46,8 @@ def test_labeling_completes_exactly_once_when_a_worker_node_is_removed(ray_clust
         path = tmp_path / f"u{i:03d}.png"
         Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)).save(path)
         images.append((f"u{i:03d}", str(path)))
-    cfg = Config.model_validate({"label": {"batch_size": 1, "rows_per_file": 8}})
+    # Three 1-CPU actors from the start: one on each worker node, the extra one included.
+    cfg = Config.model_validate({"label": {"batch_size": 1, "rows_per_file": 8, "min_actors": 3, "max_actors": 3}})
     out = tmp_path / "pseudo"
     result: dict = {}
 
@@ -98,8 +99,8 @@ def test_driver_killed_mid_run_and_the_same_command_completes(ray_cluster, smoke
         deadline = time.time() + 400
         while time.time() < deadline and first.poll() is None:
             stages = json.loads(manifest.read_text())["stages"] if manifest.exists() else {}
-            if "label_teacher" in stages and list((out / "ray_train").glob("student-*/epoch_*")):
-                break  # the student has reported its first epoch checkpoint
+            if "label_teacher" in stages and list((out / "ray_train").glob("student-*/epoch_0002")):
+                break  # the student's second epoch checkpoint is written, so its first is registered
             time.sleep(0.5)
         assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
         killed_at = time.time()
