@@ -58,3 +58,8 @@ def smoke_config(root, out, *overrides):
     from stpp_ray.config import load_config
 
     return load_config(SMOKE, [f"data.root={root}", f"run.output_dir={out}", *overrides])
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that remove nodes or kill drivers run last, after those that share the cluster intact."""
+    items.sort(key=lambda item: "test_cluster_faults" in item.nodeid)
