@@ -45,7 +45,8 @@ def _selection_summary(cfg: Config, results: dict, run_dir: Path) -> dict | None
     from .plots import score_histogram, score_histogram_counts
     from .pseudo import scores
 
-    score_by_id = scores(results["label_teacher"]["parquet_dir"])
+    # The score of this run's K (in a sweep the teacher saved more checkpoints than K).
+    score_by_id = scores(results["label_teacher"]["parquet_dir"], cfg.checkpoint_epochs())
     reliable = sel["reliable"]
     threshold = min((score_by_id[i] for i in reliable), default=None)
     values = list(score_by_id.values())
@@ -60,12 +61,15 @@ def _selection_summary(cfg: Config, results: dict, run_dir: Path) -> dict | None
     }
 
 
-def _pseudo_label_grid(results: dict, image_paths: dict[str, str], out_png: Path) -> None:
+def _pseudo_label_grid(results: dict, image_paths: dict[str, str], out_png: Path, epochs: list[int]) -> None:
     from .datasets import decode_mask_png, read_image
     from .plots import pseudo_label_grid
-    from .pseudo import read_table
+    from .pseudo import read_table, scores
 
-    table = read_table(results["label_teacher"]["parquet_dir"], ["image_id", "mask_png", "stability"]).to_pylist()
+    table = read_table(results["label_teacher"]["parquet_dir"], ["image_id", "mask_png"]).to_pylist()
+    score_by_id = scores(results["label_teacher"]["parquet_dir"], epochs)
+    for r in table:
+        r["stability"] = score_by_id[r["image_id"]]
     reliable = set(results["select"]["reliable"])
     ranked = sorted(table, key=lambda r: (-r["stability"], r["image_id"]))
     picked = [r for r in ranked if r["image_id"] in reliable][:8] + [r for r in ranked if r["image_id"] not in reliable][-8:]
@@ -86,7 +90,7 @@ def _pictures(cfg: Config, results: dict, run_dir: Path, names: list[str], final
                             run_dir / "per_class_iou.png", title="Per-class IoU on the validation set")
         made.append("per_class_iou.png")
     if results.get("select"):
-        _pseudo_label_grid(results, image_paths, run_dir / "pseudo_labels_grid.png")
+        _pseudo_label_grid(results, image_paths, run_dir / "pseudo_labels_grid.png", cfg.checkpoint_epochs())
         made.append("pseudo_labels_grid.png")
     return made
 
