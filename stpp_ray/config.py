@@ -245,18 +245,22 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, value
 
 
+def set_dotted(raw: dict, key: str, value: Any) -> dict:
+    """Set a dotted key (``a.b.c``) in a nested dict, creating sections as needed."""
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"key {key!r}: {part!r} is a value, not a section")
+    node[parts[-1]] = value
+    return raw
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Set dotted keys in a nested dict; unknown keys are caught later by validation."""
     for item in overrides:
-        key, value = parse_override(item)
-        node = raw
-        parts = key.split(".")
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
-            node = child
-        node[parts[-1]] = value
+        set_dotted(raw, *parse_override(item))
     return raw
 
 

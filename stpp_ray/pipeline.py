@@ -122,6 +122,10 @@ class Pipeline:
         self.shared_manifest = Manifest(self.shared_dir / "manifest.json") if shared_root else self.manifest
         self.results: dict[str, dict] = {}
 
+    def _shared_lock(self) -> Path | None:
+        """The lock file of the shared stages when they live outside this run (sweeps)."""
+        return self.shared_dir.with_suffix(".lock") if self.shared_dir != self.run_dir else None
+
     def home(self, stage: str) -> Path:
         """Directory holding a stage's outputs."""
         return self.shared_dir if stage in SHARED_STAGES else self.run_dir
@@ -272,8 +276,7 @@ class Pipeline:
         self.prepare_data()
         timeline: list[dict] = []
         stages = self.stages()
-        lock = self.shared_dir.with_suffix(".lock") if self.shared_dir != self.run_dir else None
-        with _locked(lock):
+        with _locked(self._shared_lock()):
             for stage in stages:
                 if stage.name in SHARED_STAGES:
                     self._run_stage(stage, self.shared_manifest, timeline)
@@ -288,8 +291,7 @@ class Pipeline:
         self.shared_dir.mkdir(parents=True, exist_ok=True)
         self.prepare_data()
         timeline: list[dict] = []
-        lock = self.shared_dir.with_suffix(".lock") if self.shared_dir != self.run_dir else None
-        with _locked(lock):
+        with _locked(self._shared_lock()):
             for stage in self.stages():
                 if stage.name in SHARED_STAGES:
                     self._run_stage(stage, self.shared_manifest, timeline, report=False)

@@ -13,7 +13,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, SweepConfig, config_from_dict
+from .config import ConfigError, SweepConfig, config_from_dict, set_dotted
 from .pipeline import LABEL_KEYS, TEACHER_KEYS
 
 R_KEY = "selection.reliable_fraction"
@@ -32,17 +32,6 @@ class SweepError(ValueError):
 def _covers(a: str, b: str) -> bool:
     """Whether dotted keys `a` and `b` overlap (equal, or one a section of the other)."""
     return a == b or a.startswith(b + ".") or b.startswith(a + ".")
-
-
-def set_dotted(raw: dict, key: str, value: Any) -> dict:
-    node = raw
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise SweepError(f"sweep.params: {key!r}: {part!r} is a value, not a section")
-    node[parts[-1]] = value
-    return raw
 
 
 def _candidate_values(key: str, spec: Any, search: str) -> list:

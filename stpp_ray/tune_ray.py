@@ -24,12 +24,12 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from .config import Config, config_from_dict, load_raw
+from .config import Config, config_from_dict, load_raw, set_dotted
 from .pipeline import SHARED_STAGES, Pipeline, shared_fingerprint
 from .plots import sweep_heatmap
 from .ray_session import init_ray
 from .sweep import (K_KEY, SweepError, best_trial, check_space, checkpoint_counts, compute_summary, grid_cells,
-                    render_markdown, run_command, set_dotted, shared_summary, touches_shared, trial_label)
+                    render_markdown, run_command, shared_summary, touches_shared, trial_label)
 
 
 def _absolute_paths(raw: dict) -> dict:
