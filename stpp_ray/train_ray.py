@@ -25,9 +25,8 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from .checkpoints import architecture, save_weights, unwrap
 from .config import Config
 from .datasets import Sample
-from .engine import (EvalSet, GlobalBatchSampler, TrainItem, TrainSet, build_optimizer, evaluate, poly_scheduler,
-                     sample_seed, train_one_epoch)
-from .models import build_model, convert_batchnorm_for_distributed, split_parameters
+from .engine import TrainItem, evaluate, sample_seed, train_one_epoch
+from .rank_setup import setup_rank
 from .pseudo import read_pseudo_items
 
 FAULT_MARKER = ".fault_injected"
@@ -95,30 +94,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.set_num_threads(max(1, round(cfg.ray.cpus_per_worker)))
     device = _device(cfg)
 
-    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-    model = build_model(cfg.model.name, cfg.model.backbone, cfg.data.num_classes,
-                        output_stride=cfg.model.output_stride, pretrained=cfg.model.pretrained,
-                        aspp_channels=cfg.model.aspp_channels)
-    backbone_params, head_params = split_parameters(model)
-    if world > 1 and cfg.train.sync_batchnorm:
-        model = convert_batchnorm_for_distributed(model, device.type)
-    model = model.to(device).to(memory_format=torch.channels_last)
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    train_set = TrainSet(build_train_items(spec), cfg.data.layout, cfg.data.crop_size, cfg.run.seed)
-    per_worker_batch = cfg.train.batch_size // world
-    sampler = GlobalBatchSampler(len(train_set), cfg.train.batch_size, rank, world, cfg.run.seed)
-    loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.train.loader_workers,
-                                         pin_memory=device.type == "cuda", persistent_workers=cfg.train.loader_workers > 0)
-    val_samples = [Sample(i, Path(img), Path(mask)) for i, img, mask in spec.val]
-    val_loader = torch.utils.data.DataLoader(EvalSet(val_samples[rank::world], cfg.data.layout),
-                                             batch_size=cfg.train.eval_batch_size)
-
-    optimizer = build_optimizer(backbone_params, head_params, cfg.train.lr, cfg.train.head_lr_multiplier,
-                                cfg.train.momentum, cfg.train.weight_decay)
     epochs = cfg.stage_epochs(spec.name)
-    scheduler = poly_scheduler(optimizer, epochs * len(sampler), cfg.train.poly_power)
+    val_samples = [Sample(i, Path(img), Path(mask)) for i, img, mask in spec.val]
+    setup = setup_rank(cfg, build_train_items(spec), val_samples, epochs, rank, world, device)
+    model, optimizer, scheduler = setup.model, setup.optimizer, setup.scheduler
+    per_worker_batch = cfg.train.batch_size // world
     arch = architecture(cfg.model, cfg.data.num_classes)
 
     start_epoch, best_miou = 0, -1.0
@@ -135,13 +115,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if rank == 0:
         stage_dir.mkdir(parents=True, exist_ok=True)
         _truncate_metrics(stage_dir, start_epoch)
-        _say(f"[{spec.name}] {len(train_set)} training images, {len(sampler)} steps/epoch, "
+        _say(f"[{spec.name}] {len(setup.train_set)} training images, {len(setup.sampler)} steps/epoch, "
              f"global batch {cfg.train.batch_size} = {world} x {per_worker_batch}, device {device}")
     writer = _tensorboard(stage_dir) if rank == 0 else None
 
     for epoch in range(start_epoch + 1, epochs + 1):
-        sampler.set_epoch(epoch)
-        train_set.set_epoch(epoch)
+        started_at = time.time()
+        setup.sampler.set_epoch(epoch)
+        setup.train_set.set_epoch(epoch)
         # Dropout draws from the global RNG: seed it per (epoch, rank) so that a run resumed
         # from a checkpoint repeats exactly what the uninterrupted run would have done.
         torch.manual_seed(sample_seed(cfg.run.seed, epoch, 1_000_000_000 + rank))
@@ -152,13 +133,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
             time.sleep(5)
             (stage_dir / FAULT_MARKER).write_text(str(time.time()))
             os._exit(1)
-        stats = train_one_epoch(model, loader, optimizer, scheduler, device, amp=cfg.train.amp)
+        stats = train_one_epoch(model, setup.loader, optimizer, scheduler, device, amp=cfg.train.amp)
         record = {"stage": spec.name, "epoch": epoch, "loss": stats["loss"], "lr": stats["lr"],
-                  "images_per_s": stats["images_per_s"], "train_seconds": stats["seconds"]}
+                  "images_per_s": stats["images_per_s"], "train_seconds": stats["seconds"], "started_at": started_at}
         if _should_eval(epoch, epochs, cfg.train.eval_interval):
-            cm = evaluate(model, val_loader, cfg.data.num_classes, device)
+            eval_start = time.perf_counter()
+            cm = evaluate(model, setup.val_loader, cfg.data.num_classes, device)
             record["val_miou"] = cm.miou()
             record["val_iou"] = [None if v != v else float(v) for v in cm.iou()]
+            record["eval_seconds"] = time.perf_counter() - eval_start
         metrics = {k: v for k, v in record.items() if k != "val_iou"}
         if rank == 0:
             _save_epoch_outputs(spec, stage_dir, model, arch, record, epochs)
@@ -229,6 +212,9 @@ def fit_stage(cfg: Config, spec: StageSpec, storage_path: Path, callbacks: list 
     """Run one training stage on Ray Train; rerunning resumes from its last checkpoint.
 
     `callbacks`: Ray Train user callbacks, e.g. Tune's `TuneReportCallback` inside a sweep trial."""
+    # Ray Train's controller polls its workers every 2 s by default, so every run ends up to
+    # 2 s after its last epoch; 0.5 s costs a few more tiny calls. A value set by the user wins.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     resources = {"CPU": cfg.ray.cpus_per_worker}
     if cfg.ray.use_gpu:
         resources["GPU"] = 1
@@ -247,20 +233,23 @@ def fit_stage(cfg: Config, spec: StageSpec, storage_path: Path, callbacks: list 
             callbacks=list(callbacks or []),
         ),
     )
-    start = time.perf_counter()
+    called = time.time()
     trainer.fit()
-    wall = time.perf_counter() - start
-    return summarize_stage(Path(spec.stage_dir), wall)
+    return summarize_stage(Path(spec.stage_dir), time.time() - called, called)
 
 
-def summarize_stage(stage_dir: Path, wall_s: float) -> dict:
-    """Final metrics of a finished stage from its metrics.jsonl."""
+def summarize_stage(stage_dir: Path, wall_s: float, called_at: float | None = None) -> dict:
+    """Final metrics of a finished stage from its metrics.jsonl. With `called_at` (when
+    `fit()` was called), also where this call's wall time went: `compute_s` (the epochs'
+    training and validation), `startup_s` (until the first epoch began), `teardown_s` (after
+    the last epoch's work until `fit()` returned); the rest went to checkpoint reports and
+    file writes between epochs."""
     records = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines() if line]
     evals = [r for r in records if "val_miou" in r]
     last = evals[-1] if evals else {}
     images = sum(r["images_per_s"] * r["train_seconds"] for r in records)
     seconds = sum(r["train_seconds"] for r in records)
-    return {
+    summary = {
         "wall_s": wall_s,
         "epochs": len(records),
         "miou": last.get("val_miou"),
@@ -268,3 +257,10 @@ def summarize_stage(stage_dir: Path, wall_s: float) -> dict:
         "best_miou": max((r["val_miou"] for r in evals), default=None),
         "train_images_per_s": images / seconds if seconds else None,
     }
+    this_call = [r for r in records if called_at is not None and r.get("started_at", 0.0) >= called_at]
+    if this_call:
+        work = [r["train_seconds"] + r.get("eval_seconds", 0.0) for r in this_call]
+        summary["compute_s"] = sum(work)
+        summary["startup_s"] = this_call[0]["started_at"] - called_at
+        summary["teardown_s"] = called_at + wall_s - (this_call[-1]["started_at"] + work[-1])
+    return summary
