@@ -125,7 +125,9 @@ class LabelConfig(_Section):
         [0.5, 0.75, 1.0, 1.5, 2.0], description="Scales of the test-time augmentation."
     )
     batch_size: int = Field(16, ge=1, description="Images per Ray Data batch in the labeling pass.")
-    min_actors: int = Field(1, ge=1, description="Minimum size of the labeling actor pool.")
+    min_actors: int = Field(
+        1, ge=1, description="Minimum size of the labeling actor pool (it starts with as many actors as fit in the free resources)."
+    )
     max_actors: int = Field(0, ge=0, description="Maximum size of the labeling actor pool (0 = as many as the cluster's CPUs/GPUs allow).")
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs per labeling actor (its torch threads) on CPU clusters.")
     gpus_per_actor: float = Field(1.0, ge=0, description="GPUs per labeling actor when `ray.use_gpu`.")

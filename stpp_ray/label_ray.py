@@ -32,15 +32,18 @@ class ArrowLabeler(Labeler):
         return pa.Table.from_pydict(super().__call__(batch), schema=SCHEMA)
 
 
-def actor_pool_bounds(cfg: Config) -> tuple[int, int]:
-    """Autoscaling bounds of the labeling actor pool from the cluster's resources."""
-    resources = ray.cluster_resources()  # Ray: total CPUs/GPUs of the cluster, all nodes
-    if cfg.ray.use_gpu:
-        fit = int(resources.get("GPU", 0) // max(cfg.label.gpus_per_actor, 1e-6))
-    else:
-        fit = int(resources.get("CPU", 1) // cfg.label.cpus_per_actor)
-    upper = cfg.label.max_actors or max(1, fit)
-    lower = min(cfg.label.min_actors, upper)
+def actor_pool_bounds(cfg: Config, batches: int) -> tuple[int, int]:
+    """Bounds of the labeling actor pool: at most what the cluster holds (and one actor per
+    batch); at least as many as fit in the resources free right now, so the pass does not
+    start on one actor and wait for the pool to grow."""
+    def fit(resources: dict) -> int:
+        if cfg.ray.use_gpu:
+            return int(resources.get("GPU", 0) // max(cfg.label.gpus_per_actor, 1e-6))
+        return int(resources.get("CPU", 0) // cfg.label.cpus_per_actor)
+
+    upper = max(1, min(cfg.label.max_actors or fit(ray.cluster_resources()), batches))  # Ray: all nodes' totals
+    free_now = fit(ray.available_resources())  # Ray: what no task or actor holds at this moment
+    lower = min(upper, max(cfg.label.min_actors, free_now))
     return lower, upper
 
 
@@ -50,11 +53,11 @@ def run_labeling(cfg: Config, images: Sequence[tuple[str, str]], checkpoint_path
     out_dir = Path(out_dir)
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    lower, upper = actor_pool_bounds(cfg)
     batch_size = cfg.label.batch_size
     start = time.perf_counter()
     rows = [{"image_id": i, "image_path": p} for i, p in images]
     blocks = max(1, min(len(rows), math.ceil(len(rows) / batch_size)))
+    lower, upper = actor_pool_bounds(cfg, blocks)
     ds = ray.data.from_items(rows, override_num_blocks=blocks)  # Ray Data: one block per batch
     gpu = cfg.ray.use_gpu
     ds = ds.map_batches(  # Ray Data: an autoscaling pool of actors, each loading the checkpoints once
@@ -74,7 +77,9 @@ def run_labeling(cfg: Config, images: Sequence[tuple[str, str]], checkpoint_path
         num_cpus=0 if gpu else cfg.label.cpus_per_actor,
         num_gpus=cfg.label.gpus_per_actor if gpu else 0,
     )
-    ds.write_parquet(str(partial), min_rows_per_file=cfg.label.rows_per_file)  # Ray Data: shards in parallel
+    # Ray Data: shards in parallel. Writing takes no CPU slot: the actors hold them all, and a
+    # writer waiting for a slot would hold finished batches back until the pool shrinks.
+    ds.write_parquet(str(partial), min_rows_per_file=cfg.label.rows_per_file, ray_remote_args={"num_cpus": 0})
     check_complete(read_table(partial, ["image_id"]), [i for i, _ in images], str(partial))
     shutil.rmtree(out_dir, ignore_errors=True)
     partial.rename(out_dir)

@@ -201,6 +201,10 @@ class Pipeline:
             if self.cfg.label.teacher == "best":
                 label_ckpt = str(Path(label_ckpt).with_name("best.pt"))
             ckpts = trained["checkpoints"] if scoring else [label_ckpt]
+            if scoring and self.cfg.label.teacher == "final":
+                # The last scoring checkpoint is the final epoch's weights, saved twice: naming
+                # it lets the Labeler reuse its forward pass for the pseudo-labels.
+                label_ckpt = ckpts[-1]
             samples = images()
             out = self.home(name) / "pseudo_labels" / model_stage
             if not samples:  # e.g. R = 1 leaves no unreliable image for student1 to label
@@ -321,5 +325,6 @@ class Pipeline:
 
 
 def _brief(result: dict) -> dict:
-    keys = ("wall_s", "miou", "best_miou", "images", "images_per_s", "train_images_per_s", "epochs")
+    keys = ("wall_s", "miou", "best_miou", "images", "images_per_s", "train_images_per_s", "epochs",
+            "compute_s", "startup_s", "teardown_s")
     return {k: result[k] for k in keys if k in result}
