@@ -3,13 +3,17 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean
+.PHONY: demo test bench venv clean
 
 demo: $(STAMP)
 	$(VENV)/bin/stpp-ray run -c jobs/demo.yaml
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
+
+bench: $(STAMP)
+	$(VENV)/bin/python -m bench.run --update-doc BENCHMARKS.md
+	$(VENV)/bin/python -m bench.scale bench/out/bench.json --update-doc BENCHMARKS.md
 
 venv: $(STAMP)
 

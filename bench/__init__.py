@@ -1,0 +1,1 @@
+"""Benchmarks of stpp_ray: `python -m bench.run` (see BENCHMARKS.md)."""

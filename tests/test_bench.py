@@ -1,0 +1,136 @@
+"""The benchmark's comparators do the same work as the product, and its reports say what was measured."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bench import labeling, render, scale
+from stpp_ray.checkpoints import save_weights
+from stpp_ray.config import Config
+from stpp_ray.labeling import Labeler
+from stpp_ray.models import build_model
+from stpp_ray.pseudo import read_table
+from stpp_ray.train_ray import summarize_stage
+
+ARCH = {"name": "deeplabv3plus", "backbone": "tiny", "output_stride": 8, "aspp_channels": 8, "num_classes": 4}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpts")
+    paths = []
+    for epoch in (2, 4, 6):
+        torch.manual_seed(epoch)
+        model = build_model("deeplabv3plus", "tiny", 4, output_stride=8, aspp_channels=8)
+        with torch.no_grad():  # predictions that vary across the image and across checkpoints
+            model.classifier.weight.mul_(100.0)
+        save_weights(d / f"epoch_{epoch:03d}.pt", model, ARCH, epoch=epoch)
+        paths.append(str(d / f"epoch_{epoch:03d}.pt"))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    d = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(d / f"u{i}.jpg")
+        rows.append((f"u{i}", str(d / f"u{i}.jpg")))
+    return rows
+
+
+def test_reference_procedure_scores_like_the_labeler_and_writes_one_png_per_image(checkpoints, images, tmp_path):
+    seconds, scores = labeling.reference_procedure(images, checkpoints, checkpoints[-1], tmp_path / "ref", threads=1)
+    out = Labeler(checkpoints, checkpoints[-1], num_threads=1)(
+        {"image_id": np.array([i for i, _ in images]), "image_path": np.array([p for _, p in images])})
+    assert seconds > 0
+    assert len(set(np.round(list(scores.values()), 6))) > 1, "the fixture should give varied scores"
+    for image_id, stability in zip(out["image_id"], out["stability"]):
+        assert scores[image_id] == pytest.approx(stability, abs=1e-6)
+    assert sorted(p.stem for p in (tmp_path / "ref").glob("*.png")) == sorted(i for i, _ in images)
+    reliable = (tmp_path / "ref" / "reliable_ids.txt").read_text().split()
+    assert reliable == sorted(scores, key=scores.get, reverse=True)[:5]
+
+
+def test_bare_loop_writes_every_image_once_in_the_shard_schema(checkpoints, images, tmp_path):
+    cfg = Config.model_validate({"label": {"batch_size": 4, "rows_per_file": 6}})
+    seconds = labeling.bare_loop(cfg, images, checkpoints, tmp_path / "bare", threads=1)
+    table = read_table(tmp_path / "bare")
+    assert seconds > 0
+    assert sorted(table.column("image_id").to_pylist()) == sorted(i for i, _ in images)
+    assert len(list((tmp_path / "bare").glob("*.parquet"))) == 2  # 4+4 rows, then the last 2
+
+
+def _results(ray_rate: float, ref_rate: float, train_ratio: float, startup: float) -> dict:
+    seconds = lambda v: {"median": v, "min": v, "max": v, "runs": [v]}  # noqa: E731
+    return {
+        "machine": {"cores": 2, "cpu_model": "cpu", "memory_gib": 1.0, "gpu": None, "torch": "t", "torch_threads": 2,
+                    "ray": "r", "python": "p", "cpu_steal_pct": 50.0},
+        "command": "python -m bench.run", "date": "today", "total_wall_s": 60.0, "ray_init_s": 5.0,
+        "labeling": {"images": 100, "small_images": 25, "reference_images": 10, "checkpoints": 3, "batch_size": 8,
+                     "model": "m", "image_size": 64,
+                     "seconds": {"ray": seconds(100 / ray_rate), "ray_small": seconds(1.0), "bare": seconds(1.0),
+                                 "reference": seconds(10 / ref_rate)},
+                     "images_per_s": {"ray": ray_rate, "ray_small": 25.0, "bare": 100.0, "reference": ref_rate},
+                     "ray_extra_seconds": seconds(0.8), "ray_extra_usable_median_s": 0.8, "ray_marginal_noisy": False,
+                     "ray_marginal_images_per_s": 95.0, "ray_fixed_s": 0.1, "ray_vs_bare": ray_rate / 100.0,
+                     "ray_marginal_vs_bare": 0.95, "ray_vs_reference": ray_rate / ref_rate},
+        "training": {"epochs_per_run": 3, "global_batch": 16, "model": "m", "crop": 64,
+                     "bare": {"images_per_s": 50.0},
+                     "startup_s": seconds(startup),
+                     **{key: {"images_per_s": 50.0 * train_ratio, "vs_bare": train_ratio,
+                              "startup_s": seconds(startup), "teardown_s": seconds(1.0)}
+                        for key in ("ray_1", "ray_2", "ray_2_local_bn")}},
+    }
+
+
+@pytest.mark.parametrize("ray_rate,ref_rate,train_ratio,startup,met", [
+    (95.0, 30.0, 0.95, 10.0, ["yes"] * 6),
+    (80.0, 30.0, 0.80, 20.0, ["no"] * 6),
+])
+def test_targets_are_judged_on_the_measured_figures(ray_rate, ref_rate, train_ratio, startup, met):
+    rows = render.targets(_results(ray_rate, ref_rate, train_ratio, startup))
+    assert [r[-1] for r in rows] == met
+    markdown = render.render_markdown(_results(ray_rate, ref_rate, train_ratio, startup))
+    assert f"{ray_rate / 100:.2f}" in markdown and "50% CPU steal" in markdown
+
+
+def test_update_doc_replaces_only_the_marked_block(tmp_path):
+    doc = tmp_path / "B.md"
+    doc.write_text(f"intro\n{render.BEGIN}\nold\n{render.END}\noutro\n")
+    render.update_doc(doc, "new table\n")
+    assert doc.read_text() == f"intro\n{render.BEGIN}\nnew table\n{render.END}\noutro\n"
+    (tmp_path / "plain.md").write_text("no markers")
+    with pytest.raises(ValueError, match="no <!-- bench:begin -->"):
+        render.update_doc(tmp_path / "plain.md", "x")
+
+
+def test_scale_model_uses_at_most_the_global_batch_of_train_workers_and_gets_faster():
+    rows = scale.project(train_gf=200.0, infer_gf=100.0, train_start_s=20.0, label_fixed_s=10.0)
+    assert [r["train_workers"] for r in rows] == [1, 8, 16]
+    totals = [r["total_h"] for r in rows]
+    assert totals[0] > totals[1] > totals[2]
+    # teacher on one GPU: 80 epochs x 662 images x 200 GFLOP + 16 evals x 1449 x 100 GFLOP at 25 TFLOP/s, + start-up
+    expected = (80 * 662 * 200 + 16 * 1449 * 100) / 25e3 + 20.0
+    assert rows[0]["teacher"] == pytest.approx(expected / 3600)
+
+
+def test_stage_summary_splits_wall_time_into_compute_startup_and_teardown(tmp_path):
+    called = 1000.0
+    records = [{"epoch": 1, "images_per_s": 10.0, "train_seconds": 4.0, "started_at": called + 3.0},
+               {"epoch": 2, "images_per_s": 10.0, "train_seconds": 4.0, "started_at": called + 8.0,
+                "eval_seconds": 1.0, "val_miou": 0.5, "val_iou": [0.5]}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    s = summarize_stage(tmp_path, wall_s=15.0, called_at=called)
+    assert s["compute_s"] == pytest.approx(9.0)
+    assert s["startup_s"] == pytest.approx(3.0)
+    assert s["teardown_s"] == pytest.approx(15.0 - 13.0)
+    # a resumed stage: epochs of an earlier call do not count toward this call's breakdown
+    s = summarize_stage(tmp_path, wall_s=10.0, called_at=called + 5.0)
+    assert s["compute_s"] == pytest.approx(5.0) and s["startup_s"] == pytest.approx(3.0)
+    assert math.isclose(summarize_stage(tmp_path, 1.0)["miou"], 0.5) and "compute_s" not in summarize_stage(tmp_path, 1.0)
