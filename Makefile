@@ -13,7 +13,6 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/python -m bench.run --update-doc BENCHMARKS.md
-	$(VENV)/bin/python -m bench.scale bench/out/bench.json --update-doc BENCHMARKS.md
 
 venv: $(STAMP)
 

@@ -1,5 +1,5 @@
-"""Run the benchmarks and write bench/out/bench.json, bench/out/bench.md (and, with
---update-doc, the measured block of BENCHMARKS.md).
+"""Run the benchmarks and write bench/out/bench.json, bench/out/bench.md, bench/out/scale.md
+(and, with --update-doc, the measured and scale-model blocks of BENCHMARKS.md).
 
     python -m bench.run                       # everything, under 10 minutes on 2 cores
     python -m bench.run --sections labeling   # one section
@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import e2e, labeling, machine, training, workload
+from . import e2e, labeling, machine, scale, training, workload
 from .render import render_markdown, update_doc
 from .stats import summary
 
@@ -111,16 +111,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
     p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     p.add_argument("--runs", type=int, default=3, help="repeats of each labeling measurement (median reported)")
-    p.add_argument("--images", type=int, default=960, help="unlabeled images per labeling pass")
-    p.add_argument("--reference-images", type=int, default=240,
+    p.add_argument("--images", type=int, default=480, help="unlabeled images per labeling pass")
+    p.add_argument("--reference-images", type=int, default=120,
                    help="images through the (slow, start-up free) reference procedure; its images/s is compared")
     p.add_argument("--epochs", type=int, default=3, help="epochs per training run (the first is warm-up)")
     p.add_argument("--fits", type=int, default=1, help="Ray Train runs per setup (1 and 2 workers, 2 without sync BN)")
-    p.add_argument("--e2e-overrides", nargs="*", default=["train.epochs=20", "train.student_epochs=1"],
+    p.add_argument("--e2e-overrides", nargs="*", default=["train.epochs=10", "train.student_epochs=1"],
                    help="config overrides of the end-to-end demo run (none: the full demo)")
     p.add_argument("--data", type=Path, default=workload.ROOT / "data" / "demo")
     p.add_argument("--out", type=Path, default=workload.ROOT / "bench" / "out")
-    p.add_argument("--update-doc", type=Path, help="rewrite the measured block of this markdown file")
+    p.add_argument("--update-doc", type=Path, help="rewrite the measured and scale-model blocks of this markdown file")
     args = p.parse_args(argv)
 
     started = time.perf_counter()
@@ -153,8 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "bench.json").write_text(json.dumps(results, indent=1) + "\n")
     markdown = render_markdown(results)
     (args.out / "bench.md").write_text(markdown)
+    scale_markdown = scale.markdown_from(results)
+    (args.out / "scale.md").write_text(scale_markdown)
     if args.update_doc:
         update_doc(args.update_doc, markdown)
+        update_doc(args.update_doc, scale_markdown, block="scale")
     shutil.rmtree(scratch, ignore_errors=True)
     print(markdown)
     _say(f"total {results['total_wall_s']:.0f} s; results in {args.out}")

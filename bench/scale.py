@@ -1,4 +1,5 @@
-"""Scale model: a Pascal VOC ST++ run with DeepLabv3+ ResNet-101 on 1, 8 and 32 GPUs, on paper.
+"""Scale model: a Pascal VOC ST++ run with DeepLabv3+ ResNet-101 on 1, 8 and 32 GPUs, on paper
+(`python -m bench.run` writes it too, with the fixed costs it measured).
 
 FLOPs per image are counted (torch's FlopCounterMode on meta tensors, nothing is run);
 everything else is an assumption stated in ASSUMPTIONS and printed with the table.
@@ -81,7 +82,7 @@ def render(rows: list[dict], train_gf: float, infer_gf: float, train_start_s: fl
     names = ["teacher", "label_teacher", "student1", "label_student1", "student2"]
     lines = [f"DeepLabv3+ ResNet-101 (output stride 16): {train_gf:.0f} GFLOP per training image "
              f"({a['crop']}x{a['crop']} crop, forward + backward), {infer_gf:.0f} GFLOP per "
-             f"{a['image_hw'][1]}x{a['image_hw'][0]} inference (counted, FlopCounterMode).", "",
+             f"{a['image_hw'][1]}x{a['image_hw'][0]} inference (counted, FlopCounterMode). Hours per stage:", "",
              "| GPUs | Train workers | " + " | ".join(names) + " | total (h) |",
              "|" + "---|" * (len(names) + 3)]
     for r in rows:
@@ -93,6 +94,14 @@ def render(rows: list[dict], train_gf: float, infer_gf: float, train_start_s: fl
     return "\n".join(lines)
 
 
+def markdown_from(bench: dict) -> str:
+    """The scale-model table, with the fixed costs measured in a bench.json dict (0 if absent)."""
+    train_start = bench.get("training", {}).get("startup_s", {}).get("median", 0.0)
+    label_fixed = bench.get("labeling", {}).get("ray_fixed_s", 0.0)
+    train_gf, infer_gf = count_flops()
+    return render(project(train_gf, infer_gf, train_start, label_fixed), train_gf, infer_gf, train_start, label_fixed)
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -102,11 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("bench_json", nargs="?", type=Path, help="bench.json whose measured fixed costs to use")
     p.add_argument("--update-doc", type=Path, help="rewrite the scale block of this markdown file")
     args = p.parse_args(argv)
-    bench = json.loads(args.bench_json.read_text()) if args.bench_json else {}
-    train_start = bench.get("training", {}).get("startup_s", {}).get("median", 0.0)
-    label_fixed = bench.get("labeling", {}).get("ray_fixed_s", 0.0)
-    train_gf, infer_gf = count_flops()
-    markdown = render(project(train_gf, infer_gf, train_start, label_fixed), train_gf, infer_gf, train_start, label_fixed)
+    markdown = markdown_from(json.loads(args.bench_json.read_text()) if args.bench_json else {})
     if args.update_doc:
         update_doc(args.update_doc, markdown, block="scale")
     print(markdown)

@@ -21,12 +21,13 @@ from stpp_ray.datasets import build_samples
 from stpp_ray.engine import TrainItem, train_one_epoch
 from stpp_ray.rank_setup import setup_rank
 
-TRAIN_SPLIT = "ImageSets/Segmentation/full/labeled.txt"  # every demo training image with its mask
+TRAIN_SPLIT = "ImageSets/Segmentation/full/labeled.txt"  # the demo training images with their masks
+TRAIN_IMAGES = 256  # 16 steps of the global batch per epoch
 VAL_IMAGES = 16
 
 
 def _samples(cfg: Config):
-    train = build_samples(cfg.data.layout, cfg.data.root, TRAIN_SPLIT, with_masks=True)
+    train = build_samples(cfg.data.layout, cfg.data.root, TRAIN_SPLIT, with_masks=True)[:TRAIN_IMAGES]
     val = build_samples(cfg.data.layout, cfg.data.root, cfg.data.val_split, with_masks=True)[:VAL_IMAGES]
     return train, val
 
