@@ -9,12 +9,10 @@ the same labeling afterwards (same images, same checkpoints).
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 from stpp_ray.config import Config
-from stpp_ray.datasets import build_samples
 
 from .labeling import bare_loop
 
@@ -25,7 +23,8 @@ def run_demo(cfg: Config, threads: int, scratch: Path) -> dict:
 
     run_dir = Path(cfg.run.output_dir)
     shutil.rmtree(run_dir, ignore_errors=True)
-    report = Pipeline(cfg).run()
+    pipeline = Pipeline(cfg)
+    report = pipeline.run()
     rows = []
     for stage in report["stages"]:
         row = {"stage": stage["name"], "wall_s": stage["wall_s"]}
@@ -33,7 +32,7 @@ def run_demo(cfg: Config, threads: int, scratch: Path) -> dict:
             row.update(compute_s=stage["compute_s"], ray_s=stage["startup_s"] + stage["teardown_s"],
                        other_s=stage["wall_s"] - stage["compute_s"] - stage["startup_s"] - stage["teardown_s"])
         elif stage["name"].startswith("label_") and stage.get("images"):
-            compute = _bare_labeling(cfg, run_dir, stage["name"], threads, scratch)
+            compute = _bare_labeling(pipeline, stage["name"], threads, scratch)
             row.update(compute_s=compute, ray_s=stage["wall_s"] - compute, other_s=0.0)
         else:  # check_data, select: driver-side work without Ray
             row.update(compute_s=stage["wall_s"], ray_s=0.0, other_s=0.0)
@@ -42,16 +41,15 @@ def run_demo(cfg: Config, threads: int, scratch: Path) -> dict:
             "stages": rows}
 
 
-def _bare_labeling(cfg: Config, run_dir: Path, stage: str, threads: int, scratch: Path) -> float:
-    unlabeled = build_samples(cfg.data.layout, cfg.data.root, cfg.data.unlabeled_split, with_masks=False)
+def _bare_labeling(pipeline, stage: str, threads: int, scratch: Path) -> float:
+    """The bare loop over the images and checkpoints the pipeline's labeling stage used."""
+    results = pipeline.results
     if stage == "label_teacher":
         ids = None
-        checkpoints = [str(run_dir / "teacher" / "checkpoints" / f"epoch_{e:03d}.pt")
-                       for e in cfg.scoring_checkpoint_epochs()]
-        if cfg.method != "stpp":
-            checkpoints = checkpoints[-1:]
+        teacher = results["teacher"]
+        checkpoints = teacher["checkpoints"] if pipeline.cfg.method == "stpp" else [teacher["final_checkpoint"]]
     else:  # label_student1: the unreliable images with student1's final weights
-        ids = set(json.loads((run_dir / "selection.json").read_text())["unreliable"])
-        checkpoints = [str(run_dir / "student1" / "final.pt")]
-    images = [(s.image_id, str(s.image_path)) for s in unlabeled if ids is None or s.image_id in ids]
-    return bare_loop(cfg, images, checkpoints, scratch / stage, threads)
+        ids = set(results["select"]["unreliable"])
+        checkpoints = [results["student1"]["final_checkpoint"]]
+    images = [(s.image_id, str(s.image_path)) for s in pipeline.unlabeled if ids is None or s.image_id in ids]
+    return bare_loop(pipeline.cfg, images, checkpoints, scratch / stage, threads)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .training import TRAIN_SETUPS
+
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"  # the block `make bench` rewrites
 
 
@@ -61,8 +63,6 @@ def _labeling(lab: dict) -> list[str]:
 
 
 def _training(tr: dict) -> list[str]:
-    from .run import TRAIN_SETUPS
-
     out = ["### Training", "",
            f"{tr['model']}, {tr['crop']}x{tr['crop']} crops, global batch {tr['global_batch']}, {tr['epochs_per_run']} "
            "epochs per run; images/s is the median over the epochs after the first of every run.", ""]
@@ -104,8 +104,6 @@ def _e2e(e: dict) -> list[str]:
 
 
 def targets(r: dict) -> list[list[str]]:
-    from .run import TRAIN_SETUPS
-
     rows = []
     if "labeling" in r:
         lab = r["labeling"]

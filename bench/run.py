@@ -19,6 +19,7 @@ from pathlib import Path
 from . import e2e, labeling, machine, scale, training, workload
 from .render import render_markdown, update_doc
 from .stats import summary
+from .training import TRAIN_SETUPS
 
 SECTIONS = ("labeling", "training", "e2e")
 
@@ -62,13 +63,6 @@ def bench_labeling(cfg, args, scratch: Path, cores: int) -> dict:
     out["ray_marginal_vs_bare"] = marginal / rate["bare"]
     out["ray_vs_reference"] = rate["ray"] / rate["reference"]
     return out
-
-
-TRAIN_SETUPS = (  # key, workers, sync BatchNorm
-    ("ray_1", 1, True),
-    ("ray_2", 2, True),
-    ("ray_2_local_bn", 2, False),
-)
 
 
 def bench_training(cfg, args, scratch: Path, cores: int) -> dict:

@@ -24,6 +24,11 @@ from stpp_ray.rank_setup import setup_rank
 TRAIN_SPLIT = "ImageSets/Segmentation/full/labeled.txt"  # the demo training images with their masks
 TRAIN_IMAGES = 256  # 16 steps of the global batch per epoch
 VAL_IMAGES = 16
+TRAIN_SETUPS = (  # result key, Ray Train workers, synchronised BatchNorm
+    ("ray_1", 1, True),
+    ("ray_2", 2, True),
+    ("ray_2_local_bn", 2, False),
+)
 
 
 def _samples(cfg: Config):

@@ -5,43 +5,27 @@ import math
 
 import numpy as np
 import pytest
-import torch
-from PIL import Image
 
 from bench import labeling, render, scale
-from stpp_ray.checkpoints import save_weights
 from stpp_ray.config import Config
 from stpp_ray.labeling import Labeler
-from stpp_ray.models import build_model
 from stpp_ray.pseudo import read_table
 from stpp_ray.train_ray import summarize_stage
+from helpers import write_checkpoints, write_random_images
 
 ARCH = {"name": "deeplabv3plus", "backbone": "tiny", "output_stride": 8, "aspp_channels": 8, "num_classes": 4}
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ckpts")
-    paths = []
-    for epoch in (2, 4, 6):
-        torch.manual_seed(epoch)
-        model = build_model("deeplabv3plus", "tiny", 4, output_stride=8, aspp_channels=8)
-        with torch.no_grad():  # predictions that vary across the image and across checkpoints
-            model.classifier.weight.mul_(100.0)
-        save_weights(d / f"epoch_{epoch:03d}.pt", model, ARCH, epoch=epoch)
-        paths.append(str(d / f"epoch_{epoch:03d}.pt"))
-    return paths
+    # predictions that vary across the image and across checkpoints
+    return write_checkpoints(tmp_path_factory.mktemp("ckpts"), (2, 4, 6), ARCH,
+                             perturb=lambda m: m.classifier.weight.mul_(100.0))
 
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    d = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(1)
-    rows = []
-    for i in range(10):
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(d / f"u{i}.jpg")
-        rows.append((f"u{i}", str(d / f"u{i}.jpg")))
-    return rows
+    return write_random_images(tmp_path_factory.mktemp("imgs"), [f"u{i}.jpg" for i in range(10)], (32, 32), seed=1)
 
 
 def test_reference_procedure_scores_like_the_labeler_and_writes_one_png_per_image(checkpoints, images, tmp_path):

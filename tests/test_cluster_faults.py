@@ -3,15 +3,11 @@
 import threading
 import time
 
-import numpy as np
 import pytest
-import torch
-from PIL import Image
 
-from stpp_ray.checkpoints import save_weights
 from stpp_ray.config import Config
-from stpp_ray.models import build_model
 from stpp_ray.pseudo import read_table
+from helpers import write_checkpoints, write_random_images
 
 ARCH = {"name": "deeplabv3plus", "backbone": "resnet18", "output_stride": 8, "aspp_channels": 16, "num_classes": 4}
 
@@ -34,18 +30,8 @@ def test_labeling_completes_exactly_once_when_a_worker_node_is_removed(ray_clust
     cluster.wait_for_nodes()
     # Slow enough per batch (ResNet-18 at 96 px, K = 3, one image per batch) that the node
     # is removed while most of the pool is still to be labeled.
-    paths = []
-    for epoch in (1, 2, 3):
-        torch.manual_seed(epoch)
-        paths.append(str(tmp_path / f"epoch_{epoch:03d}.pt"))
-        save_weights(paths[-1], build_model("deeplabv3plus", "resnet18", 4, output_stride=8, aspp_channels=16),
-                     ARCH, epoch=epoch)
-    rng = np.random.default_rng(0)
-    images = []
-    for i in range(120):
-        path = tmp_path / f"u{i:03d}.png"
-        Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)).save(path)
-        images.append((f"u{i:03d}", str(path)))
+    paths = write_checkpoints(tmp_path, (1, 2, 3), ARCH)
+    images = write_random_images(tmp_path, [f"u{i:03d}.png" for i in range(120)], (96, 96), seed=0)
     # Three 1-CPU actors from the start: one on each worker node, the extra one included.
     cfg = Config.model_validate({"label": {"batch_size": 1, "rows_per_file": 8, "min_actors": 3, "max_actors": 3}})
     out = tmp_path / "pseudo"

@@ -9,12 +9,12 @@ import torch
 from PIL import Image
 
 from stpp_ray.augment import normalize
-from stpp_ray.checkpoints import CheckpointError, save_weights
+from stpp_ray.checkpoints import CheckpointError
 from stpp_ray.datasets import decode_mask_png
 from stpp_ray.labeling import Labeler
-from stpp_ray.models import build_model
 from stpp_ray.pseudo import SCHEMA
 from stpp_ray.stability import stability_score
+from helpers import write_checkpoints, write_random_images
 
 ARCH = {"name": "deeplabv3plus", "backbone": "mobilenet_v3_large", "output_stride": 16, "aspp_channels": 16,
         "num_classes": 4}
@@ -23,29 +23,15 @@ ARCH = {"name": "deeplabv3plus", "backbone": "mobilenet_v3_large", "output_strid
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """Three differently initialised tiny models standing in for K=3 teacher checkpoints."""
-    d = tmp_path_factory.mktemp("ckpts")
-    paths = []
-    for epoch in (1, 2, 3):
-        torch.manual_seed(epoch)
-        model = build_model("deeplabv3plus", "mobilenet_v3_large", 4, aspp_channels=16)
-        with torch.no_grad():  # make predictions vary spatially and across checkpoints
-            model.classifier.bias.copy_(torch.randn(4))
-        path = d / f"epoch_{epoch:03d}.pt"
-        save_weights(path, model, ARCH, epoch=epoch)
-        paths.append(str(path))
-    return paths
+    # make predictions vary spatially and across checkpoints
+    return write_checkpoints(tmp_path_factory.mktemp("ckpts"), (1, 2, 3), ARCH,
+                             perturb=lambda m: m.classifier.bias.copy_(torch.randn(4)))
 
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    d = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    rows = []
-    for i, size in enumerate([(32, 32), (32, 32), (24, 40), (32, 32)]):
-        path = d / f"u{i}.png"
-        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(path)
-        rows.append((f"u{i}", str(path)))
-    return rows
+    return write_random_images(tmp_path_factory.mktemp("imgs"), [f"u{i}.png" for i in range(4)],
+                               [(32, 32), (32, 32), (24, 40), (32, 32)], seed=0)
 
 
 def batch_of(rows):

@@ -8,17 +8,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
 
-from stpp_ray.checkpoints import save_weights
 from stpp_ray.config import SweepConfig, checkpoint_epochs, load_config, parse_override
 from stpp_ray.labeling import Labeler
-from stpp_ray.models import build_model
 from stpp_ray.pseudo import SCHEMA, PseudoLabelError, scores
 from stpp_ray.selection import select_reliable
 from stpp_ray.stability import batched_checkpoint_ious, stability_for_checkpoints, stability_score
 from stpp_ray.sweep import (K_KEY, R_KEY, SweepError, best_trial, check_space, checkpoint_counts, compute_summary,
                             grid_cells, override_args, render_markdown, touches_shared, trial_label)
+from helpers import write_checkpoints, write_random_images
 
 from conftest import SMOKE, smoke_config
 
@@ -57,20 +55,8 @@ def union_labeling(tmp_path_factory):
     """Checkpoints at the union of K = 2, 3, 4 over 12 epochs and six random images."""
     d = tmp_path_factory.mktemp("sweep_ckpts")
     union = sorted({e for k in COUNTS for e in checkpoint_epochs(EPOCHS, k)})
-    paths = {}
-    for e in union:
-        torch.manual_seed(e)
-        model = build_model("deeplabv3plus", "tiny", 4, output_stride=8, aspp_channels=8)
-        with torch.no_grad():
-            model.classifier.bias.copy_(torch.randn(4))
-        paths[e] = str(d / f"epoch_{e:03d}.pt")
-        save_weights(paths[e], model, ARCH, epoch=e)
-    rng = np.random.default_rng(1)
-    rows = []
-    for i in range(6):
-        path = d / f"u{i}.png"
-        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(path)
-        rows.append((f"u{i}", str(path)))
+    paths = dict(zip(union, write_checkpoints(d, union, ARCH, perturb=lambda m: m.classifier.bias.copy_(torch.randn(4)))))
+    rows = write_random_images(d, [f"u{i}.png" for i in range(6)], (24, 24), seed=1)
     batch = {"image_id": np.array([r[0] for r in rows]), "image_path": np.array([r[1] for r in rows])}
     ordered = [paths[e] for e in union]
     out = Labeler(ordered, ordered[-1], num_threads=1)(batch)
