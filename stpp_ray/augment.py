@@ -144,17 +144,31 @@ def weak_augment(crop_size: int, scale_range: Sequence[float] = (0.5, 2.0)) -> P
     ])
 
 
-def strong_augment(crop_size: int) -> PairTransform:
-    """Colour jitter, grayscale, blur and Cutout; applied after ``weak_augment``.
+def strong_augment(crop_size: int, cutout: bool = True) -> PairTransform:
+    """Colour jitter, grayscale, blur and (unless `cutout` is off, as in UniMatch, which
+    uses CutMix instead) Cutout; applied after ``weak_augment``.
 
     Returns a callable ``(image, mask) -> (image, mask)``; only Cutout changes the mask.
     """
-    return v2.Compose([
+    ops = [
         v2.RandomApply([v2.ColorJitter(0.5, 0.5, 0.5, 0.25)], p=0.8),
         v2.RandomGrayscale(p=0.2),
         v2.RandomApply([v2.GaussianBlur(blur_kernel_size(crop_size), sigma=BLUR_SIGMA)], p=0.5),
-        Cutout(p=0.5),
-    ])
+    ]
+    return v2.Compose(ops + [Cutout(p=0.5)] if cutout else ops)
+
+
+def cutmix_box(size: int, p: float = 0.5) -> torch.Tensor:
+    """UniMatch's CutMix region: with probability p one random box (area 2-40% of the square
+    crop, aspect 0.3-3.3, drawn as Cutout's) set to True in a `size` x `size` bool map."""
+    box = torch.zeros(size, size, dtype=torch.bool)
+    if torch.rand(()).item() >= p:
+        return box
+    box_h, box_w = Cutout()._box_size(size, size)
+    top = int(torch.randint(0, size - box_h + 1, ()))
+    left = int(torch.randint(0, size - box_w + 1, ()))
+    box[top:top + box_h, left:left + box_w] = True
+    return box
 
 
 def normalize(image: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,8 @@ import sys
 import traceback
 from pathlib import Path
 
+from .config import METHODS
+
 
 def _cmd_demo_data(args: argparse.Namespace) -> int:
     from .demo_data import generate_demo_dataset
@@ -34,7 +36,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from .config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    result = run_compare(cfg, args.seeds, Path(args.out), args.oracle_split or None)
+    result = run_compare(cfg, args.seeds, Path(args.out), args.oracle_split or None, methods=tuple(args.methods))
     print("\n" + render_table(result["summary"]) + f"\n\ntable: {Path(args.out).resolve() / 'compare.md'}")
     return 0
 
@@ -71,15 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     p.set_defaults(func=_cmd_demo_data)
 
-    p = sub.add_parser("run", help="run the pipeline of the config's method (supervised, st, stpp)")
+    p = sub.add_parser("run", help="run the pipeline of the config's method (supervised, st, stpp, mean_teacher, u2pl, "
+                                   "dmt, unimatch)")
     p.add_argument("-c", "--config", required=True, help="YAML config file (see jobs/)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=10")
     p.set_defaults(func=_cmd_run)
 
-    p = sub.add_parser("compare", help="SupOnly, ST, ST++ and the oracle over several seeds, one table")
+    p = sub.add_parser("compare", help="the methods and the oracle over several seeds, one table")
     p.add_argument("-c", "--config", required=True, help="YAML config file (e.g. jobs/demo.yaml)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="values of run.seed (default 0 1 2)")
     p.add_argument("--out", default="runs/compare", help="output directory (default runs/compare)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                   help="methods to run (default: all of them)")
     p.add_argument("--oracle-split", default="ImageSets/Segmentation/full/labeled.txt",
                    help="labeled split of the oracle ('' to skip it)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")

@@ -1,9 +1,10 @@
-"""`stpp-ray compare`: SupOnly, ST, ST++ and the oracle over several seeds, one table.
+"""`stpp-ray compare`: the methods and the oracle over several seeds, one table.
 
-For each seed the methods run one after another in one run directory, so the teacher
-is trained once and reused by ST and ST++ (its fingerprint does not depend on the
-method). The oracle trains on every labeled image of `oracle_split` in a directory
-of its own, for the same number of optimisation steps as the teacher.
+For each seed the teacher-based methods (SupOnly, ST, ST++, DMT) run one after another
+in one run directory, so the teacher is trained once and reused (its fingerprint does
+not depend on the method). The online methods, which train no SupOnly teacher, and the
+oracle get a directory each. The oracle trains on every labeled image of
+`oracle_split` for the same number of optimisation steps as the teacher.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import math
 import statistics
 from pathlib import Path
 
-from .config import Config, config_from_dict
+from .config import METHODS, ONLINE_METHODS, Config, config_from_dict
 from .datasets import read_split
 
-METHOD_LABELS = {"supervised": "SupOnly (teacher)", "st": "ST", "stpp": "ST++", "oracle": "Oracle (all labels)"}
+METHOD_LABELS = {"supervised": "SupOnly (teacher)", "st": "ST", "stpp": "ST++", "mean_teacher": "Mean Teacher",
+                 "u2pl": "U2PL (no contrastive term)", "dmt": "DMT", "unimatch": "UniMatch",
+                 "oracle": "Oracle (all labels)"}
 
 
 def _variant(cfg: Config, source: str, **changes) -> Config:
@@ -70,7 +73,7 @@ def render_table(summary: list[dict]) -> str:
 
 
 def run_compare(cfg: Config, seeds: list[int], out_dir: Path, oracle_split: str | None,
-                methods: tuple[str, ...] = ("supervised", "st", "stpp")) -> dict:
+                methods: tuple[str, ...] = METHODS) -> dict:
     from .pipeline import Pipeline
 
     out_dir = Path(out_dir).resolve()
@@ -78,8 +81,9 @@ def run_compare(cfg: Config, seeds: list[int], out_dir: Path, oracle_split: str 
     rows: list[dict] = []
     for seed in seeds:
         for method in methods:
+            run_dir = out_dir / (f"seed{seed}_{method}" if method in ONLINE_METHODS else f"seed{seed}")
             run_cfg = _variant(cfg, f"compare seed {seed} {method}", method=method, run__seed=seed,
-                               run__output_dir=str(out_dir / f"seed{seed}"))
+                               run__output_dir=str(run_dir))
             print(f"[compare] seed {seed}: {method}", flush=True)
             report = Pipeline(run_cfg).run()
             rows.append({"seed": seed, "method": method, "miou": report["final"]["miou"],

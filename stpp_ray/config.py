@@ -14,7 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-METHODS = ("supervised", "st", "stpp")
+METHODS = ("supervised", "st", "stpp", "mean_teacher", "u2pl", "dmt", "unimatch")
+ONLINE_METHODS = ("mean_teacher", "u2pl", "unimatch")
 
 
 class ConfigError(ValueError):
@@ -134,6 +135,47 @@ class LabelConfig(_Section):
     rows_per_file: int = Field(256, ge=1, description="Target rows per Parquet shard.")
 
 
+class SemiConfig(_Section):
+    """Knobs of the methods other than ST/ST++ (see the README's "Other methods")."""
+
+    epochs: int = Field(
+        0, ge=0, description="Online methods (mean_teacher, u2pl, unimatch): epochs, each one pass over the unlabeled set "
+        "(the labeled set cycles alongside); 0 = `train.student_epochs`, or `train.epochs` when that is 0.",
+    )
+    unlabeled_batch_size: int = Field(
+        0, ge=0, description="Online methods: global unlabeled batch per step (0 = `train.batch_size`, as UniMatch's equal batches).",
+    )
+    ema_decay: float = Field(0.99, ge=0, le=1, description="Mean Teacher / U2PL: EMA decay of the teacher (reached after a 1 - 1/(step+1) warm-up).")
+    consistency_weight: float = Field(1.0, ge=0, description="Mean Teacher: weight of the softmax squared-error consistency loss.")
+    rampup_fraction: float = Field(
+        0.3, ge=0, le=1, description="Mean Teacher: sigmoid ramp-up exp(-5(1-t)^2) of the consistency weight over this fraction of all steps."
+    )
+    unsup_weight: float = Field(1.0, ge=0, description="U2PL: weight of the unsupervised cross entropy.")
+    u2pl_alpha0: float = Field(
+        20.0, ge=0, le=100, description="U2PL: percent of highest-entropy pixels left out at the start, alpha_t = alpha_0 (1 - t/T)."
+    )
+    u2pl_warmup_epochs: int = Field(1, ge=0, description="U2PL: supervised-only epochs at the start (U2PL's sup_only_epoch); the teacher copies the student.")
+    confidence_threshold: float = Field(0.95, ge=0, le=1, description="UniMatch: pseudo-label confidence threshold.")
+    feature_dropout: float = Field(0.5, ge=0, lt=1, description="UniMatch: channel dropout on the encoder features (feature perturbation).")
+    cutmix_prob: float = Field(0.5, ge=0, le=1, description="UniMatch and U2PL: probability of a CutMix box per strong view.")
+    dmt_ratios: list[float] = Field(
+        [0.2, 0.4, 0.6, 0.8, 1.0], min_length=1,
+        description="DMT: per phase, the fraction of most confident pixels of each class kept as pseudo-labels (curriculum).",
+    )
+    dmt_gamma1: float = Field(5.0, ge=0, description="DMT: weight p^gamma1 where model and pseudo-label agree (VOC scripts: 5).")
+    dmt_gamma2: float = Field(5.0, ge=0, description="DMT: weight p^gamma2 where they disagree and the pseudo-label is more confident.")
+    dmt_phase_epochs: int = Field(
+        0, ge=0, description="DMT: fine-tuning epochs per model per phase (0 = `train.student_epochs`, or `train.epochs`)."
+    )
+    dmt_seed_offset: int = Field(1, ge=1, description="DMT: the second model is trained with seed `run.seed` + this (other initialisation and data order).")
+
+    @model_validator(mode="after")
+    def _ratios_in_range(self) -> "SemiConfig":
+        if any(not 0 < r <= 1 for r in self.dmt_ratios):
+            raise ValueError(f"dmt_ratios must lie in (0, 1], got {self.dmt_ratios}")
+        return self
+
+
 class RayConfig(_Section):
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks) per training stage.")
     use_gpu: bool = Field(False, description="One GPU per Train worker (NCCL backend) and GPUs for labeling actors.")
@@ -169,7 +211,9 @@ class SweepConfig(_Section):
 
 
 class Config(_Section):
-    method: Literal["supervised", "st", "stpp"] = Field("stpp", description="Pipeline: `supervised` (SupOnly), `st` or `stpp`.")
+    method: Literal["supervised", "st", "stpp", "mean_teacher", "u2pl", "dmt", "unimatch"] = Field(
+        "stpp", description="Pipeline: `supervised` (SupOnly), `st`, `stpp`, or the other methods `mean_teacher`, `u2pl`, `dmt`, `unimatch`."
+    )
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -177,6 +221,7 @@ class Config(_Section):
     label: LabelConfig = Field(default_factory=LabelConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     run: RunSection = Field(default_factory=RunSection)
+    semi: SemiConfig = Field(default_factory=SemiConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
 
     @model_validator(mode="after")
@@ -194,15 +239,29 @@ class Config(_Section):
                 f"train.batch_size ({self.train.batch_size}) must be divisible by ray.num_workers "
                 f"({self.ray.num_workers}): the global batch is split evenly across workers"
             )
+        if self.unlabeled_batch_size() % self.ray.num_workers:
+            raise ValueError(
+                f"semi.unlabeled_batch_size ({self.unlabeled_batch_size()}) must be divisible by ray.num_workers "
+                f"({self.ray.num_workers})"
+            )
         if self.train.device == "cuda" and not self.ray.use_gpu:
             raise ValueError("train.device=cuda needs ray.use_gpu=true (Ray must assign GPUs to the workers)")
         return self
 
     def stage_epochs(self, stage: str) -> int:
-        """Epochs of a training stage: the teacher's, or the students'."""
-        if stage == "teacher" or not self.train.student_epochs:
+        """Epochs of a training stage: the teachers', an online method's, a DMT phase's, or the students'."""
+        students = self.train.student_epochs or self.train.epochs
+        if stage in ("teacher", "teacher_b"):
             return self.train.epochs
-        return self.train.student_epochs
+        if stage == "online":
+            return self.semi.epochs or students
+        if stage.startswith("dmt_"):
+            return self.semi.dmt_phase_epochs or students
+        return students
+
+    def unlabeled_batch_size(self) -> int:
+        """Global unlabeled batch of the online methods."""
+        return self.semi.unlabeled_batch_size or self.train.batch_size
 
     def checkpoint_epochs(self) -> list[int]:
         """The K ST++ checkpoint epochs (1-based): floor(i * E / K) for i = 1..K."""

@@ -19,9 +19,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
+from torchvision import tv_tensors
+
 from .augment import normalize, strong_augment, to_tv, weak_augment
 from .datasets import decode_mask_png, read_image, read_mask
+from .datasets import IGNORE_INDEX
 from .losses import cross_entropy_sum
+from .semi_losses import dmt_weights
 from .metrics import ConfusionMatrix
 
 
@@ -34,18 +38,28 @@ class TrainItem:
     mask_path: str | None = None
     mask_png: bytes | None = None
     strong: bool = False
+    conf_png: bytes | None = None  # DMT: per-pixel pseudo-label confidence, round(254 p)
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """Per-sample augmentation seed: independent of which worker loads the sample."""
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+def sample_seed(seed: int, epoch: int, index: int, *stream: int) -> int:
+    """Per-sample augmentation seed: independent of which worker loads the sample. `stream`
+    tells apart several independent draws for the same sample (e.g. unlabeled views)."""
+    return int(np.random.SeedSequence([seed, epoch, index, *stream]).generate_state(1)[0])
+
+
+NO_CONFIDENCE = 255  # confidence-map value of pixels whose label is not a pseudo-label
 
 
 class TrainSet(Dataset):
-    """Weak augmentation for every item, strong augmentation on top for pseudo-labeled ones."""
+    """Weak augmentation for every item, strong augmentation on top for pseudo-labeled ones.
 
-    def __init__(self, items: Sequence[TrainItem], layout: str, crop_size: int, seed: int):
+    With `with_confidence` (DMT) items are (image, mask, confidence) where confidence is a
+    uint8 map: round(254 p) for pseudo-labels, `NO_CONFIDENCE` for ground truth."""
+
+    def __init__(self, items: Sequence[TrainItem], layout: str, crop_size: int, seed: int,
+                 with_confidence: bool = False):
         self.items = list(items)
+        self.with_confidence = with_confidence
         self.layout = layout
         self.seed = seed
         self.epoch = 0
@@ -63,15 +77,21 @@ class TrainSet(Dataset):
             return decode_mask_png(item.mask_png)
         return read_mask(item.mask_path, self.layout)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
         item = self.items[index]
         image, mask = to_tv(read_image(item.image_path), self._mask(item))
+        extra = ()
+        if self.with_confidence:
+            conf = decode_mask_png(item.conf_png) if item.conf_png is not None else None
+            extra = (tv_tensors.Mask(torch.from_numpy(conf) if conf is not None
+                                     else torch.full(mask.shape, NO_CONFIDENCE, dtype=torch.uint8)),)
         with torch.random.fork_rng(devices=[]):  # augmentation must not disturb the model's RNG
             torch.manual_seed(sample_seed(self.seed, self.epoch, index))
-            image, mask = self.weak(image, mask)
+            image, mask, *extra = self.weak(image, mask, *extra)
             if item.strong:
-                image, mask = self.strong(image, mask)
-        return normalize(image.as_subclass(torch.Tensor)), mask.as_subclass(torch.Tensor).long()
+                image, mask, *extra = self.strong(image, mask, *extra)
+        out = (normalize(image.as_subclass(torch.Tensor)), mask.as_subclass(torch.Tensor).long())
+        return out + tuple(e.as_subclass(torch.Tensor) for e in extra)
 
 
 class EvalSet(Dataset):
@@ -140,33 +160,48 @@ def poly_scheduler(optimizer: torch.optim.Optimizer, total_iters: int, power: fl
     )
 
 
-def _is_distributed() -> bool:
+def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _global_sum(value: torch.Tensor) -> torch.Tensor:
-    if _is_distributed():
+def global_sum(value: torch.Tensor) -> torch.Tensor:
+    if is_distributed():
         value = value.clone()
         dist.all_reduce(value)
     return value
 
 
+def dmt_loss_sum(logits: torch.Tensor, mask: torch.Tensor, confidence: torch.Tensor,
+                 gammas: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """DMT's dynamically weighted CE, summed over valid pixels, and their count: pseudo-labeled
+    pixels weighted by `semi_losses.dmt_weights`, ground-truth pixels by 1."""
+    valid = mask != IGNORE_INDEX
+    per_pixel = F.cross_entropy(logits.float(), mask.masked_fill(~valid, 0), reduction="none")
+    weights = dmt_weights(logits.detach().float().softmax(1), mask, confidence.float() / (NO_CONFIDENCE - 1), *gammas)
+    weights = torch.where(confidence == NO_CONFIDENCE, torch.ones_like(weights), weights)
+    return (per_pixel * weights * valid).sum(), valid.sum()
+
+
 def train_one_epoch(model, loader: Iterable, optimizer, scheduler, device: torch.device,
-                    amp: bool = False) -> dict[str, float]:
-    """One pass over `loader`; the loss is the mean over the valid pixels of the global batch."""
+                    amp: bool = False, dmt_gammas: tuple[float, float] | None = None) -> dict[str, float]:
+    """One pass over `loader`; the loss is the mean over the valid pixels of the global batch.
+    With `dmt_gammas` batches carry confidences and the loss is DMT's weighted CE."""
     model.train()
-    world = dist.get_world_size() if _is_distributed() else 1
+    world = dist.get_world_size() if is_distributed() else 1
     loss_total = torch.zeros((), dtype=torch.float64)
     pixels_total = torch.zeros((), dtype=torch.float64)
     images = 0
     start = time.perf_counter()
-    for image, mask in loader:
+    for image, mask, *confidence in loader:
         image = image.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         mask = mask.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
             logits = model(image)
-        loss_sum, count = cross_entropy_sum(logits, mask)
-        global_count = _global_sum(count.to(torch.float64)).clamp_min(1.0)
+        if dmt_gammas is not None:
+            loss_sum, count = dmt_loss_sum(logits, mask, confidence[0].to(device), dmt_gammas)
+        else:
+            loss_sum, count = cross_entropy_sum(logits, mask)
+        global_count = global_sum(count.to(torch.float64)).clamp_min(1.0)
         # DDP averages gradients over ranks, hence the world factor: the result is
         # the gradient of (sum of all ranks' pixel losses) / (global pixel count).
         loss = loss_sum * (world / global_count.to(loss_sum.dtype))
@@ -179,7 +214,7 @@ def train_one_epoch(model, loader: Iterable, optimizer, scheduler, device: torch
         images += image.shape[0]
     seconds = time.perf_counter() - start
     stats = torch.stack([loss_total, pixels_total, torch.tensor(float(images), dtype=torch.float64)])
-    stats = _global_sum(stats.to(device)).cpu()
+    stats = global_sum(stats.to(device)).cpu()
     return {
         "loss": float(stats[0] / stats[1].clamp_min(1.0)),
         "images": int(stats[2]),

@@ -84,8 +84,10 @@ class Labeler:
         confidence, label = probs.max(1)
         entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1)
         masks = label.to(torch.uint8).cpu().numpy()
+        confidence_maps = (confidence * 254).round().to(torch.uint8).cpu().numpy()
         return {
             "mask_png": [encode_mask_png(m) for m in masks],
+            "confidence_png": [encode_mask_png(c) for c in confidence_maps],
             "stability": stability,
             "ckpt_miou": ckpt_miou,
             "ckpt_epochs": [self.epochs[:-1]] * b,

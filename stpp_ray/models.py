@@ -267,11 +267,21 @@ class DeepLabV3Plus(nn.Module):
         self.classifier = nn.Conv2d(channels, num_classes, 1)
         _init_head([self.aspp, self.reduce, self.fuse, self.classifier])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, feature_dropout: float | None = None):
+        """Logits; with `feature_dropout` (UniMatch's feature perturbation) the pair (logits,
+        logits of the same backbone features after channel dropout with that probability)."""
         low, high = self.backbone(x)
+        if feature_dropout is not None:
+            b = x.shape[0]
+            low = torch.cat([low, F.dropout2d(low, feature_dropout, training=True)])
+            high = torch.cat([high, F.dropout2d(high, feature_dropout, training=True)])
+            return self._decode(low, high, x.shape[-2:]).split([b, b])
+        return self._decode(low, high, x.shape[-2:])
+
+    def _decode(self, low: torch.Tensor, high: torch.Tensor, size) -> torch.Tensor:
         y = F.interpolate(self.aspp(high), size=low.shape[-2:], mode="bilinear", align_corners=False)
         y = self.fuse(torch.cat([y, self.reduce(low)], dim=1))
-        return F.interpolate(self.classifier(y), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return F.interpolate(self.classifier(y), size=size, mode="bilinear", align_corners=False)
 
 
 def _init_head(modules: list[nn.Module]) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from .checkpoints import architecture
-from .config import Config
+from .config import ONLINE_METHODS, Config
 from .datasets import Sample, build_samples, check_disjoint, check_samples, resolve_path
 from .demo_data import ensure_demo_dataset
 from .selection import select_reliable, selection_to_json
@@ -33,6 +33,11 @@ TEACHER_KEYS = (
 )
 LABEL_KEYS = ("data.unlabeled_split", "label.teacher", "label.tta", "label.tta_scales")
 SELECT_KEYS = ("selection.reliable_fraction", "selection.num_checkpoints")
+ONLINE_KEYS = ("data.unlabeled_split", "semi.epochs", "semi.unlabeled_batch_size", "semi.ema_decay",
+               "semi.consistency_weight", "semi.rampup_fraction", "semi.unsup_weight", "semi.u2pl_alpha0",
+               "semi.u2pl_warmup_epochs", "semi.confidence_threshold", "semi.feature_dropout", "semi.cutmix_prob",
+               "train.student_epochs")
+DMT_KEYS = ("semi.dmt_gamma1", "semi.dmt_gamma2", "semi.dmt_phase_epochs", "train.student_epochs")
 # Stages that depend on neither R nor K: a sweep runs them once per distinct teacher config.
 SHARED_STAGES = ("check_data", "teacher", "label_teacher")
 
@@ -148,6 +153,9 @@ class Pipeline:
             from .models import build_backbone
             # Fail here, naming the file, rather than inside every Train worker.
             build_backbone(cfg.model.backbone, cfg.model.output_stride, cfg.model.pretrained)
+        if cfg.method in ONLINE_METHODS and len(self.unlabeled) < cfg.unlabeled_batch_size():
+            raise ValueError(f"{resolve_path(self.root, d.unlabeled_split)}: {len(self.unlabeled)} unlabeled images are "
+                             f"fewer than one global unlabeled batch ({cfg.unlabeled_batch_size()})")
         if len(self.labeled) < cfg.train.batch_size:
             raise ValueError(f"{resolve_path(self.root, d.labeled_split)}: {len(self.labeled)} labeled images "
                              f"are fewer than one global batch (train.batch_size={cfg.train.batch_size})")
@@ -169,8 +177,13 @@ class Pipeline:
     def _rows(self, samples: list[Sample]) -> list[list[str]]:
         return [[s.image_id, str(s.image_path), str(s.mask_path)] for s in samples]
 
-    def train_stage(self, name: str, fp: str, pseudo: Callable[[], list[dict]], checkpoint_epochs: list[int]) -> Stage:
+    def train_stage(self, name: str, fp: str, pseudo: Callable[[], list[dict]], checkpoint_epochs: list[int],
+                    cfg: Config | None = None, init_from: str = "", unlabeled: bool = False) -> Stage:
+        """`cfg`: a variant of the run's config (DMT's second model); `init_from`: the stage
+        whose final weights this one fine-tunes; `unlabeled`: the online methods' stream."""
         from .train_ray import StageSpec, fit_stage
+
+        cfg = cfg or self.cfg
 
         def run() -> dict:
             home = self.home(name)
@@ -182,9 +195,11 @@ class Pipeline:
             marker.write_text(fp)
             spec = StageSpec(name=name, stage_dir=str(stage_dir), fingerprint=fp, labeled=self._rows(self.labeled),
                              val=self._rows(self.val), pseudo=pseudo(), checkpoint_epochs=checkpoint_epochs,
-                             fault_epoch=self.fault_epoch if name == self.fault_stage else 0)
+                             fault_epoch=self.fault_epoch if name == self.fault_stage else 0,
+                             unlabeled=[str(s.image_path) for s in self.unlabeled] if unlabeled else [],
+                             init_weights=self.results[init_from]["final_checkpoint"] if init_from else "")
             callbacks = self.train_callbacks() if self.train_callbacks and name not in SHARED_STAGES else []
-            result = fit_stage(self.cfg, spec, home / "ray_train", callbacks=callbacks)
+            result = fit_stage(cfg, spec, home / "ray_train", callbacks=callbacks)
             result["final_checkpoint"] = str(stage_dir / "final.pt")
             result["checkpoints"] = [str(stage_dir / "checkpoints" / f"epoch_{e:03d}.pt") for e in checkpoint_epochs]
             return result
@@ -206,7 +221,7 @@ class Pipeline:
                 # it lets the Labeler reuse its forward pass for the pseudo-labels.
                 label_ckpt = ckpts[-1]
             samples = images()
-            out = self.home(name) / "pseudo_labels" / model_stage
+            out = self.home(name) / "pseudo_labels" / name.removeprefix("label_")
             if not samples:  # e.g. R = 1 leaves no unreliable image for student1 to label
                 print(f"[{name}] no images to label", flush=True)
                 return {"images": 0, "wall_s": 0.0, "images_per_s": None, "parquet_dir": str(out)}
@@ -238,13 +253,55 @@ class Pipeline:
         paths = {s.image_id: str(s.image_path) for s in self.unlabeled}
         return {"parquet_dir": self.results[label_stage]["parquet_dir"], "image_paths": {i: paths[i] for i in ids}}
 
+    def online_stages(self) -> list[Stage]:
+        """Mean Teacher, U2PL, UniMatch: one training stage on the labeled and unlabeled streams."""
+        cfg = self.cfg
+        fp = chain(cfg.fingerprint(*TEACHER_KEYS, *ONLINE_KEYS, "method"), "online")
+        return [self.data_stage(), self.train_stage("online", fp, lambda: [], [cfg.stage_epochs("online")], unlabeled=True)]
+
+    def dmt_stages(self, graph: list[Stage]) -> list[Stage]:
+        """DMT after the teacher (model A): a second teacher B (another seed), then per phase p
+        with ratio r_p, A_{p-1} and B_{p-1} label U, and each fine-tunes on the other's labels
+        (the top r_p of each class). The last phase trains A only: A_n is the result."""
+        cfg = self.cfg
+        cfg_b = cfg.model_copy(update={"run": cfg.run.model_copy(update={"seed": cfg.run.seed + cfg.semi.dmt_seed_offset})})
+        label_fp = cfg.fingerprint(*LABEL_KEYS)
+        phase_fp = cfg.fingerprint(*DMT_KEYS)
+        models = {"a": ("teacher", teacher_fingerprint(cfg)), "b": ("teacher_b", chain(teacher_fingerprint(cfg_b), "teacher_b"))}
+        graph.append(self.train_stage("teacher_b", models["b"][1], lambda: [], [cfg.train.epochs], cfg=cfg_b))
+        all_u = lambda: self.unlabeled  # noqa: E731
+        ratios = cfg.semi.dmt_ratios
+        for p, ratio in enumerate(ratios, start=1):
+            last = p == len(ratios)
+            labels = {}
+            for who in ("b",) if last else ("a", "b"):
+                stage, fp = models[who]
+                labels[who] = (f"dmt_label_{stage}", chain(fp, "label", label_fp))
+                graph.append(self.label_stage(labels[who][0], labels[who][1], stage, all_u, scoring=False))
+            trained = {}
+            for who, other in (("a", "b"),) if last else (("a", "b"), ("b", "a")):
+                name = f"dmt_{who}{p}"
+                fp = chain(models[who][1], labels[other][1], phase_fp, str(ratio))
+                source = lambda label=labels[other][0], r=ratio: [{  # noqa: E731
+                    **self._pseudo_source(label, [s.image_id for s in self.unlabeled]),
+                    "curriculum_ratio": r, "num_classes": cfg.data.num_classes}]
+                graph.append(self.train_stage(name, fp, source, [cfg.stage_epochs(name)],
+                                              cfg=cfg if who == "a" else cfg_b, init_from=models[who][0]))
+                trained[who] = (name, fp)
+            models.update(trained)
+        return graph
+
     def stages(self) -> list[Stage]:
         cfg = self.cfg
+        if cfg.method in ONLINE_METHODS:
+            return self.online_stages()
         final_only = [cfg.stage_epochs("student")]
         data = self.data_stage()
         graph = [data, self.train_stage("teacher", teacher_fingerprint(cfg), lambda: [], cfg.scoring_checkpoint_epochs())]
         if cfg.method == "supervised":
             return graph
+        if cfg.method == "dmt":
+            return self.dmt_stages(graph)
         label_fp = shared_fingerprint(cfg)
         all_u = lambda: self.unlabeled  # noqa: E731
         graph.append(self.label_stage("label_teacher", label_fp, "teacher", all_u, scoring=cfg.method == "stpp"))

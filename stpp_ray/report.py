@@ -7,9 +7,24 @@ import math
 import os
 from pathlib import Path
 
-from .config import Config
+from .config import ONLINE_METHODS, Config
 
 FINAL_STAGE = {"supervised": "teacher", "st": "student", "stpp": "student2"}
+
+
+def final_stage(cfg: Config) -> str:
+    """The stage whose model is the method's result."""
+    if cfg.method in ONLINE_METHODS:
+        return "online"
+    if cfg.method == "dmt":
+        return f"dmt_a{len(cfg.semi.dmt_ratios)}"
+    return FINAL_STAGE[cfg.method]
+
+
+def teacher_stage(cfg: Config) -> str:
+    """The stage reported as `teacher`: the SupOnly teacher, or for the online methods the
+    model that makes their targets at the end (the EMA teacher, or UniMatch's model itself)."""
+    return "online" if cfg.method in ONLINE_METHODS else "teacher"
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
                "tvmonitor")
@@ -78,15 +93,15 @@ def _pseudo_label_grid(results: dict, image_paths: dict[str, str], out_png: Path
     pseudo_label_grid(rows, out_png, title="Teacher pseudo-labels: most and least stable images")
 
 
-def _pictures(cfg: Config, results: dict, run_dir: Path, names: list[str], final_stage: str,
+def _pictures(cfg: Config, results: dict, run_dir: Path, names: list[str], final_name: str,
               image_paths: dict[str, str]) -> list[str]:
     from .plots import per_class_iou_chart
 
     made = []
-    teacher, final = results.get("teacher"), results.get(final_stage)
-    if teacher and final and final_stage != "teacher":
+    teacher, final = results.get(teacher_stage(cfg)), results.get(final_name)
+    if teacher and final and final_name != teacher_stage(cfg):
         per_class_iou_chart(names, {"teacher (SupOnly)": teacher["per_class_iou"],
-                                    f"final ({final_stage})": final["per_class_iou"]},
+                                    f"final ({final_name})": final["per_class_iou"]},
                             run_dir / "per_class_iou.png", title="Per-class IoU on the validation set")
         made.append("per_class_iou.png")
     if results.get("select"):
@@ -98,13 +113,13 @@ def _pictures(cfg: Config, results: dict, run_dir: Path, names: list[str], final
 def write_report(cfg: Config, run_dir: Path, results: dict, timeline: list[dict], partial: bool,
                  image_paths: dict[str, str] | None = None) -> dict:
     """Write report.json and report.md (pictures only once the run is complete)."""
-    final_stage = FINAL_STAGE[cfg.method]
+    final_name = final_stage(cfg)
     names = class_names(cfg)
     report = {
         "method": cfg.method,
         "status": "partial" if partial else "complete",
-        "teacher": _model_summary(results.get("teacher")),
-        "final": {"stage": final_stage, **_model_summary(results.get(final_stage))},
+        "teacher": {"stage": teacher_stage(cfg), **_model_summary(results.get(teacher_stage(cfg)))},
+        "final": {"stage": final_name, **_model_summary(results.get(final_name))},
         "stages": timeline,
         "total_wall_s": sum(s.get("wall_s") or 0.0 for s in timeline if not s.get("reused")),
         "class_names": names,
@@ -113,7 +128,7 @@ def write_report(cfg: Config, run_dir: Path, results: dict, timeline: list[dict]
     }
     if not partial:
         report["selection"] = _selection_summary(cfg, results, run_dir)
-        report["pictures"] = _pictures(cfg, results, run_dir, names, final_stage, image_paths or {})
+        report["pictures"] = _pictures(cfg, results, run_dir, names, final_name, image_paths or {})
     tmp = run_dir / "report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2, default=str))
     os.replace(tmp, run_dir / "report.json")
@@ -127,7 +142,8 @@ def _pct(v) -> str:
 
 def render_markdown(report: dict) -> str:
     lines = [f"# stpp_ray run: {report['method']} ({report['status']})", ""]
-    lines += [f"- teacher (SupOnly) val mIoU: **{_pct(report['teacher'].get('miou'))}**",
+    who = "SupOnly" if report["teacher"].get("stage", "teacher") == "teacher" else "the online method's teacher"
+    lines += [f"- teacher ({who}) val mIoU: **{_pct(report['teacher'].get('miou'))}**",
               f"- final model ({report['final']['stage']}) val mIoU: **{_pct(report['final'].get('miou'))}**",
               f"- compute wall time this invocation: {report['total_wall_s']:.1f} s", ""]
     lines += ["## Stages", "", "| stage | wall s | val mIoU | images/s | reused |", "|---|---|---|---|---|"]

@@ -27,7 +27,8 @@ from .config import Config
 from .datasets import Sample
 from .engine import TrainItem, evaluate, sample_seed, train_one_epoch
 from .rank_setup import setup_rank
-from .pseudo import read_pseudo_items
+from .online import ONLINE_METHODS, cycle, train_online_epoch
+from .pseudo import read_curriculum_items, read_pseudo_items
 
 FAULT_MARKER = ".fault_injected"
 
@@ -41,9 +42,12 @@ class StageSpec:
     fingerprint: str
     labeled: list[list[str]]                    # [image_id, image_path, mask_path]
     val: list[list[str]]                        # [image_id, image_path, mask_path]
-    pseudo: list[dict] = field(default_factory=list)   # {"parquet_dir", "image_paths": {id: path}}
+    # {"parquet_dir", "image_paths": {id: path}}, DMT adds "curriculum_ratio" and "num_classes"
+    pseudo: list[dict] = field(default_factory=list)
     checkpoint_epochs: list[int] = field(default_factory=list)
     fault_epoch: int = 0                        # tests only: kill one worker once at this epoch
+    unlabeled: list[str] = field(default_factory=list)  # online methods: unlabeled image paths
+    init_weights: str = ""                      # DMT phases: the weights to fine-tune
 
 
 def build_train_items(spec: StageSpec) -> list[TrainItem]:
@@ -53,7 +57,12 @@ def build_train_items(spec: StageSpec) -> list[TrainItem]:
     for source in spec.pseudo:
         if not source["image_paths"]:
             continue  # an empty selection (R * |U| < 1, or R = 1 for the unreliable part)
-        pseudo.extend(read_pseudo_items(source["parquet_dir"], source["image_paths"]))
+        if "curriculum_ratio" in source:
+            items, _ = read_curriculum_items(source["parquet_dir"], source["image_paths"], source["curriculum_ratio"],
+                                             source["num_classes"])
+            pseudo.extend(items)
+        else:
+            pseudo.extend(read_pseudo_items(source["parquet_dir"], source["image_paths"]))
     if pseudo and labeled:
         repeat = -(-len(pseudo) // len(labeled))
         labeled = labeled * repeat
@@ -96,8 +105,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     epochs = cfg.stage_epochs(spec.name)
     val_samples = [Sample(i, Path(img), Path(mask)) for i, img, mask in spec.val]
-    setup = setup_rank(cfg, build_train_items(spec), val_samples, epochs, rank, world, device)
+    online = cfg.method in ONLINE_METHODS and bool(spec.unlabeled)
+    dmt = any("curriculum_ratio" in source for source in spec.pseudo)
+    setup = setup_rank(cfg, build_train_items(spec), val_samples, epochs, rank, world, device,
+                       unlabeled_paths=spec.unlabeled if online else (), init_weights=spec.init_weights,
+                       with_confidence=dmt)
     model, optimizer, scheduler = setup.model, setup.optimizer, setup.scheduler
+    # Mean Teacher and U2PL are evaluated and saved through their EMA teacher, as U2PL's code.
+    kept = setup.ema if setup.ema is not None else model
     per_worker_batch = cfg.train.batch_size // world
     arch = architecture(cfg.model, cfg.data.num_classes)
 
@@ -107,6 +122,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         with checkpoint.as_directory() as ckpt_dir:
             state = torch.load(Path(ckpt_dir) / "state.pt", map_location="cpu", weights_only=True)
         unwrap(model).load_state_dict(state["model"])
+        if setup.ema is not None:
+            setup.ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, best_miou = state["epoch"], state["best_miou"]
@@ -115,7 +132,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if rank == 0:
         stage_dir.mkdir(parents=True, exist_ok=True)
         _truncate_metrics(stage_dir, start_epoch)
-        _say(f"[{spec.name}] {len(setup.train_set)} training images, {len(setup.sampler)} steps/epoch, "
+        unlabeled = f" + {len(spec.unlabeled)} unlabeled (global batch {cfg.unlabeled_batch_size()})" if online else ""
+        _say(f"[{spec.name}] {len(setup.train_set)} training images{unlabeled}, {setup.steps_per_epoch()} steps/epoch, "
              f"global batch {cfg.train.batch_size} = {world} x {per_worker_batch}, device {device}")
     writer = _tensorboard(stage_dir) if rank == 0 else None
 
@@ -133,19 +151,33 @@ def train_loop_per_worker(loop_config: dict) -> None:
             time.sleep(5)
             (stage_dir / FAULT_MARKER).write_text(str(time.time()))
             os._exit(1)
-        stats = train_one_epoch(model, setup.loader, optimizer, scheduler, device, amp=cfg.train.amp)
+        if online:
+            setup.unlabeled_sampler.set_epoch(epoch)
+            setup.unlabeled_set.set_epoch(epoch)
+            steps = setup.steps_per_epoch()
+            warmup = cfg.semi.u2pl_warmup_epochs * steps if cfg.method == "u2pl" else 0
+            stats = train_online_epoch(cfg.method, model, setup.ema, cycle(setup.loader, setup.sampler, setup.train_set, epoch),
+                                       setup.unlabeled_loader, optimizer, scheduler, device, cfg.semi, epoch=epoch,
+                                       epochs=epochs, steps_done=(epoch - 1) * steps, total_steps=epochs * steps,
+                                       warmup_steps=warmup, amp=cfg.train.amp)
+        else:
+            gammas = (cfg.semi.dmt_gamma1, cfg.semi.dmt_gamma2) if dmt else None
+            stats = train_one_epoch(model, setup.loader, optimizer, scheduler, device, amp=cfg.train.amp, dmt_gammas=gammas)
         record = {"stage": spec.name, "epoch": epoch, "loss": stats["loss"], "lr": stats["lr"],
                   "images_per_s": stats["images_per_s"], "train_seconds": stats["seconds"], "started_at": started_at}
+        record.update({k: v for k, v in stats.items() if k.startswith("loss_")})
         if _should_eval(epoch, epochs, cfg.train.eval_interval):
             eval_start = time.perf_counter()
-            cm = evaluate(model, setup.val_loader, cfg.data.num_classes, device)
+            cm = evaluate(kept, setup.val_loader, cfg.data.num_classes, device)
             record["val_miou"] = cm.miou()
             record["val_iou"] = [None if v != v else float(v) for v in cm.iou()]
+            if setup.ema is not None:
+                record["student_val_miou"] = evaluate(model, setup.val_loader, cfg.data.num_classes, device).miou()
             record["eval_seconds"] = time.perf_counter() - eval_start
         metrics = {k: v for k, v in record.items() if k != "val_iou"}
         if rank == 0:
-            _save_epoch_outputs(spec, stage_dir, model, arch, record, epochs)
-            best_miou = _save_best(stage_dir, model, arch, record, best_miou, spec.name)
+            _save_epoch_outputs(spec, stage_dir, kept, arch, record, epochs)
+            best_miou = _save_best(stage_dir, kept, arch, record, best_miou, spec.name)
             _log_epoch(writer, spec.name, record, epochs)
         if epoch % cfg.train.checkpoint_interval and epoch != epochs:
             continue  # per-epoch metrics are in metrics.jsonl; Ray hears at checkpoints only
@@ -153,9 +185,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ray.train.report(metrics)  # Ray: every rank reports at each checkpoint epoch
             continue
         with tempfile.TemporaryDirectory() as tmp:
-            torch.save({"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "epoch": epoch, "best_miou": best_miou},
-                       Path(tmp) / "state.pt")
+            state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "epoch": epoch, "best_miou": best_miou}
+            if setup.ema is not None:
+                state["ema"] = setup.ema.state_dict()
+            torch.save(state, Path(tmp) / "state.pt")
             # Ray: rank 0 reports the resumable state; Ray copies it to the run's storage.
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"epoch_{epoch:04d}")

@@ -14,7 +14,7 @@ def _probs(*pixels):
     return torch.tensor(pixels, dtype=torch.float64).T.reshape(1, len(pixels[0]), 1, len(pixels))
 
 
-def test_ema_moves_parameters_toward_the_student_and_copies_buffers():
+def test_ema_moves_parameters_and_statistics_toward_the_student_and_copies_counters():
     teacher, student = torch.nn.BatchNorm1d(2), torch.nn.BatchNorm1d(2)
     with torch.no_grad():
         teacher.weight.copy_(torch.tensor([1.0, 2.0]))
@@ -23,7 +23,7 @@ def test_ema_moves_parameters_toward_the_student_and_copies_buffers():
     student.num_batches_tracked += 7
     ema_update_(teacher, student, decay=0.75)
     assert teacher.weight.tolist() == [0.75 * 1 + 0.25 * 3, 0.75 * 2 + 0.25 * 6]  # 1.5, 3.0
-    assert teacher.running_mean.tolist() == [0.5, -0.5] and int(teacher.num_batches_tracked) == 7
+    assert teacher.running_mean.tolist() == [0.125, -0.125] and int(teacher.num_batches_tracked) == 7
     with pytest.raises(ValueError, match="decay"):
         ema_update_(teacher, student, 1.5)
 
@@ -68,7 +68,8 @@ def test_dmt_weight_in_each_of_its_three_cases():
     gamma1, gamma2 = 2.0, 3.0
     current = _probs([0.8, 0.2], [0.4, 0.6], [0.3, 0.7])
     pseudo = _probs([0.6, 0.4], [0.9, 0.1], [0.6, 0.4])
-    w = dmt_weights(current, pseudo, gamma1, gamma2)[0, 0].tolist()
+    pseudo_conf, pseudo_label = pseudo.max(1)
+    w = dmt_weights(current, pseudo_label, pseudo_conf, gamma1, gamma2)[0, 0].tolist()
     # pixel 1: both say class 0 -> p^gamma1 = 0.8^2
     # pixel 2: disagree, pseudo (0.9) more confident than current (0.6) -> p^gamma2 = 0.4^3
     # pixel 3: disagree, current (0.7) more confident than pseudo (0.6) -> 0

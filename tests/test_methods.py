@@ -1,0 +1,54 @@
+"""The other methods end to end on the shared local Ray: an online method on two workers, DMT's phases."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from stpp_ray.checkpoints import load_model
+from stpp_ray.datasets import decode_mask_png
+from stpp_ray.pipeline import Pipeline
+from stpp_ray.pseudo import read_curriculum_items
+
+from conftest import smoke_config
+
+pytestmark = pytest.mark.ray
+
+
+def test_unimatch_trains_online_on_two_workers(ray_local, smoke_data, tmp_path):
+    out = tmp_path / "run"
+    cfg = smoke_config(smoke_data, out, "method=unimatch", "ray.num_workers=2", "semi.epochs=2")
+    report = Pipeline(cfg).run()
+    assert [s["name"] for s in report["stages"]] == ["check_data", "online"]
+    assert report["method"] == "unimatch" and report["final"]["stage"] == report["teacher"]["stage"] == "online"
+    assert 0 <= report["final"]["miou"] <= 1
+    records = [json.loads(line) for line in (out / "online" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    # 60 unlabeled images at a global batch of 4: 15 steps of 4 labeled + 4 unlabeled images.
+    assert all(r["train_seconds"] * r["images_per_s"] == pytest.approx(15 * 8) for r in records)
+    assert all({"loss_x", "loss_s1", "loss_s2", "loss_fp"} <= r.keys() for r in records)
+    assert not (out / "pseudo_labels").exists(), "online pseudo-labels need no Parquet"
+    model, blob = load_model(out / "online" / "final.pt")
+    assert blob["meta"]["stage"] == "online" and blob["meta"]["epoch"] == 2
+
+
+def test_dmt_fine_tunes_two_models_on_each_others_labels(ray_local, smoke_data, tmp_path):
+    out = tmp_path / "run"
+    cfg = smoke_config(smoke_data, out, "method=dmt", "semi.dmt_ratios=[0.5,1.0]", "semi.dmt_phase_epochs=1")
+    report = Pipeline(cfg).run()
+    assert [s["name"] for s in report["stages"]] == [
+        "check_data", "teacher", "teacher_b", "dmt_label_teacher", "dmt_label_teacher_b", "dmt_a1", "dmt_b1",
+        "dmt_label_dmt_b1", "dmt_a2"]
+    assert report["final"]["stage"] == "dmt_a2" and report["teacher"]["stage"] == "teacher"
+    a, _ = load_model(out / "teacher" / "final.pt")
+    b, _ = load_model(out / "teacher_b" / "final.pt")
+    assert any(not torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values())), \
+        "model B is another initialisation"
+    # Phase 1 keeps the most confident half of each class of B's labels (ties at the level kept).
+    labels = out / "pseudo_labels" / "dmt_label_teacher_b"
+    ids = pq.read_table(labels, columns=["image_id"]).column("image_id").to_pylist()
+    items, levels = read_curriculum_items(labels, {i: "unused" for i in ids}, 0.5, cfg.data.num_classes)
+    ignored = np.mean([np.mean(decode_mask_png(item.mask_png) == 255) for item in items])
+    assert 0 < ignored <= 0.5 and len(levels) == cfg.data.num_classes
