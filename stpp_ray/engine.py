@@ -18,15 +18,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
-
 from torchvision import tv_tensors
 
 from .augment import normalize, strong_augment, to_tv, weak_augment
-from .datasets import decode_mask_png, read_image, read_mask
-from .datasets import IGNORE_INDEX
+from .datasets import IGNORE_INDEX, decode_mask_png, read_image, read_mask
 from .losses import cross_entropy_sum
-from .semi_losses import dmt_weights
 from .metrics import ConfusionMatrix
+from .semi_losses import dmt_weights
 
 
 @dataclass(frozen=True)
