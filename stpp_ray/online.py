@@ -31,7 +31,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .augment import Cutout, cutmix_box, normalize, strong_augment, to_tv, weak_augment
+from .augment import cutmix_box, normalize, strong_augment, to_tv, weak_augment
+from .checkpoints import unwrap
 from .datasets import IGNORE_INDEX, read_image
 from .engine import global_sum, is_distributed, sample_seed
 from .semi_losses import (confident_pseudo_labels, ema_update_, sigmoid_rampup, softmax_mse_sum,
@@ -282,8 +283,6 @@ def train_online_epoch(method: str, model, ema, labeled: Iterator, unlabeled_loa
                        device: torch.device, cfg, *, epoch: int, epochs: int, steps_done: int, total_steps: int,
                        warmup_steps: int, amp: bool = False) -> dict[str, float]:
     """One pass over the unlabeled loader; `cfg` is the config's `semi` section."""
-    from .checkpoints import unwrap
-
     world = dist.get_world_size() if is_distributed() else 1
     step_fn = STEPS[method]
     sums: dict[str, float] = {}
