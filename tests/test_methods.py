@@ -52,3 +52,23 @@ def test_dmt_fine_tunes_two_models_on_each_others_labels(ray_local, smoke_data, 
     items, levels = read_curriculum_items(labels, {i: "unused" for i in ids}, 0.5, cfg.data.num_classes)
     ignored = np.mean([np.mean(decode_mask_png(item.mask_png) == 255) for item in items])
     assert 0 < ignored <= 0.5 and len(levels) == cfg.data.num_classes
+
+
+def test_resumed_online_stage_equals_an_uninterrupted_one(ray_local, smoke_data, tmp_path):
+    """U2PL on 2 workers with a worker killed in epoch 2: the restart from epoch 1's checkpoint
+    (student, optimiser, EMA teacher) repeats exactly what the uninterrupted run does."""
+    from stpp_ray.train_ray import FAULT_MARKER
+
+    args = ["method=u2pl", "ray.num_workers=2", "semi.epochs=2", "semi.u2pl_warmup_epochs=1", "train.max_failures=1"]
+    faulted, clean = tmp_path / "faulted", tmp_path / "clean"
+    Pipeline(smoke_config(smoke_data, faulted, *args), fault_epoch=2, fault_stage="online").run()
+    Pipeline(smoke_config(smoke_data, clean, *args)).run()
+    fault_time = (faulted / "online" / FAULT_MARKER).stat().st_mtime
+    epoch1 = next((faulted / "ray_train").glob("online-*/epoch_0001"))
+    assert epoch1.stat().st_mtime < fault_time, "epoch 1 was not trained again after the restart"
+    epochs = [json.loads(line)["epoch"] for line in (faulted / "online" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2]
+    a, _ = load_model(faulted / "online" / "final.pt")
+    b, _ = load_model(clean / "online" / "final.pt")
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(x.float(), y.float(), atol=1e-6), name
