@@ -1,4 +1,4 @@
-"""The other methods end to end on the shared local Ray: an online method on two workers, DMT's phases."""
+"""The other methods end to end on the shared local Ray: UniMatch on two workers, DMT's phases, an online stage resumed."""
 
 import json
 
