@@ -1,12 +1,17 @@
-"""Small files the tests make: seeded stand-in checkpoints and random images."""
+"""What several tests need: seeded stand-in checkpoints, random images, and running a
+function on two gloo workers."""
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from PIL import Image
 
 from stpp_ray.checkpoints import save_weights
@@ -43,3 +48,37 @@ def write_random_images(directory: Path, names: Sequence[str], sizes: Sequence[t
         Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
         rows.append((path.stem, str(path)))
     return rows
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gloo_worker(rank: int, world: int, port: int, fn: Callable, args: tuple, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        result = fn(world, rank, *args)
+        if rank == 0:
+            torch.save(result, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_on_gloo_workers(fn: Callable, world: int, out: Path, *args):
+    """`fn(world, rank, *args)` in `world` processes joined by a gloo process group; returns
+    rank 0's result (saved through `out`). `fn` must be a module-level function."""
+    mp.spawn(_gloo_worker, args=(world, _free_port(), fn, args, str(out)), nprocs=world)
+    return torch.load(out, weights_only=True)
+
+
+def assert_states_close(actual: dict, expected: dict) -> None:
+    """Floating-point tensors equal to 1e-4 relative / 1e-5 absolute, the others exactly."""
+    for key, value in expected.items():
+        if value.dtype.is_floating_point:
+            np.testing.assert_allclose(actual[key].numpy(), value.numpy(), rtol=1e-4, atol=1e-5, err_msg=key)
+        else:
+            assert torch.equal(actual[key], value), key

@@ -1,16 +1,12 @@
 """Engine: global-batch sharding and exact 1-worker == 2-worker training steps."""
 
-import os
-import socket
 
-import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from stpp_ray.engine import GlobalBatchSampler, build_optimizer, poly_scheduler, sample_seed, train_one_epoch
 from stpp_ray.models import build_model, convert_batchnorm_for_distributed, split_parameters
+from tests.helpers import assert_states_close, run_on_gloo_workers
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
@@ -76,36 +72,12 @@ def _one_step(world: int, rank: int) -> dict:
     return {"state": state, "loss": stats["loss"]}
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        result = _one_step(world, rank)
-        if rank == 0:
-            torch.save(result, out)
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_workers_take_the_same_steps_as_one(tmp_path):
     """Synchronised BN + global pixel normalisation: 2 workers x 4 images == 1 worker x 8."""
     single = _one_step(1, 0)
-    out = str(tmp_path / "two.pt")
-    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2)
-    two = torch.load(out, weights_only=True)
+    two = run_on_gloo_workers(_one_step, 2, tmp_path / "two.pt")
     assert two["loss"] == pytest.approx(single["loss"], rel=1e-5)
-    for key, value in single["state"].items():
-        if value.dtype.is_floating_point:
-            np.testing.assert_allclose(two["state"][key].numpy(), value.numpy(), rtol=1e-4, atol=1e-5, err_msg=key)
-        else:
-            assert torch.equal(two["state"][key], value), key
+    assert_states_close(two["state"], single["state"])
 
 
 def test_augmentation_depends_only_on_seed_epoch_and_index(tmp_path):

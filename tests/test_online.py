@@ -1,16 +1,12 @@
 """The online methods (Mean Teacher, U2PL, UniMatch) and DMT's training pieces, without Ray."""
 
 import math
-import os
-import socket
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from stpp_ray.augment import cutmix_box
 from stpp_ray.config import SemiConfig
@@ -21,7 +17,7 @@ from stpp_ray.online import (STEPS, StepContext, Term, UnlabeledSet, combine, em
                              unimatch_step)
 from stpp_ray.pseudo import SCHEMA, read_curriculum_items
 from stpp_ray.semi_losses import class_balanced_thresholds, ema_update_, u2pl_drop_unreliable
-from tests.helpers import write_random_images
+from tests.helpers import assert_states_close, run_on_gloo_workers, write_random_images
 
 
 def _images(directory, n: int, size: tuple[int, int]) -> list[str]:
@@ -138,7 +134,7 @@ def test_online_step_trains_the_student_only(method):
     assert math.isfinite(float(loss.detach())) and float(loss.detach()) > 0
 
 
-def _ddp_online_steps(method: str, world: int, rank: int) -> dict:
+def _ddp_online_steps(world: int, rank: int, method: str) -> dict:
     from stpp_ray.engine import build_optimizer, poly_scheduler
     from stpp_ray.models import split_parameters
     from stpp_ray.online import train_online_epoch
@@ -171,36 +167,14 @@ def _ddp_online_steps(method: str, world: int, rank: int) -> dict:
     return {"loss": stats["loss"], "state": {k: v.clone() for k, v in kept.state_dict().items()}}
 
 
-def _ddp_worker(rank: int, world: int, port: int, method: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        result = _ddp_online_steps(method, world, rank)
-        if rank == 0:
-            torch.save(result, out)
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("method", ["mean_teacher", "u2pl", "unimatch"])
 def test_online_methods_take_the_same_steps_on_two_workers_as_on_one(tmp_path, method):
     """Global counts, the pooled U2PL percentile and synchronised BN: 2 x 2 images == 1 x 4
     (students and EMA teachers alike; feature dropout off, its masks differ per worker)."""
-    single = _ddp_online_steps(method, 1, 0)
-    out = str(tmp_path / "two.pt")
-    mp.spawn(_ddp_worker, args=(2, _free_port(), method, out), nprocs=2)
-    two = torch.load(out, weights_only=True)
+    single = _ddp_online_steps(1, 0, method)
+    two = run_on_gloo_workers(_ddp_online_steps, 2, tmp_path / "two.pt", method)
     assert two["loss"] == pytest.approx(single["loss"], rel=1e-4)
-    for key, value in single["state"].items():
-        if value.dtype.is_floating_point:
-            np.testing.assert_allclose(two["state"][key].numpy(), value.numpy(), rtol=1e-4, atol=1e-5, err_msg=key)
+    assert_states_close(two["state"], single["state"])
 
 
 def test_dmt_loss_weights_pseudo_pixels_and_not_ground_truth():
