@@ -1,4 +1,4 @@
-"""`stpp-ray` command line: demo-data, run, compare, sweep, predict."""
+"""`stpp-ray` command line: demo-data, run, compare, sweep, predict, splits."""
 
 from __future__ import annotations
 
@@ -54,6 +54,75 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0 if summary["best"] else 1
 
 
+SPLITS_LAYOUT_GUIDE = """\
+Dataset layout on disk (data.root). Split ids name files under data.root:
+
+Pascal VOC  (data.layout: voc, data.num_classes: 21)
+  data.root is the VOC2012 folder of VOCtrainval_11-May-2012.tar (VOCdevkit/VOC2012):
+    JPEGImages/<id>.jpg          e.g. JPEGImages/2007_000032.jpg
+    SegmentationClass/<id>.png   class-index masks (palette or grayscale PNG, 255 = ignore)
+  Use the SBD-augmented masks as SegmentationClass/: the "Pascal SegmentationClass" download
+  linked from the ST++ and UniMatch README.md (the masks their split lists, shipped here, name).
+  VOC's own SegmentationClass has only the 1464 train + 1449 val fine masks: enough for the
+  classic splits (pascal/92 ... pascal/1464, unlabeled masks are never read) and val, not for
+  the blended ones (pascal/1_16, 1_8, 1_4), whose labeled images come from SBD.
+
+Cityscapes  (data.layout: cityscapes, data.num_classes: 19)
+  data.root holds leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip unpacked:
+    leftImg8bit/{train,val}/<city>/<city>_<seq>_<frame>_leftImg8bit.png
+    gtFine/{train,val}/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png   (mapped to the 19 train ids)
+  The id train/jena/jena_000078_000019 names both files. The preprocessed gtFine of ST++ and
+  UniMatch (*_gtFine_labelTrainIds.png, already train ids, used as they are) works too: it is
+  taken when the labelIds file is absent.
+
+Your own lists: one id per line (or the ST++/UniMatch two-column form 'image_path mask_path'),
+relative to data.root unless absolute; 'builtin:NAME' names a shipped list.
+"""
+
+
+def _split_sort_key(name: str) -> tuple:
+    # pascal/92 < pascal/1464 < pascal/1_16 < pascal/1_4 < pascal/val
+    dataset, _, rest = name.partition("/")
+    size = rest.split("/")[0]
+    if size == "val.txt":
+        return dataset, 2, 0.0
+    if "_" in size:
+        num, den = size.split("_", 1)
+        return dataset, 1, int(num) / int(den)
+    return dataset, 0, float(size)
+
+
+def _cmd_splits(args: argparse.Namespace) -> int:
+    from .datasets import BUILTIN_PREFIX, BUILTIN_SPLIT_LAYOUTS, BUILTIN_SPLITS_DIR, builtin_split_names, read_split
+
+    def count(name: str) -> int:
+        return len(read_split(BUILTIN_SPLITS_DIR, BUILTIN_PREFIX + name))
+
+    names = set(builtin_split_names())
+    rows = []
+    for name in sorted(names, key=_split_sort_key):
+        dataset, _, rest = name.partition("/")
+        layout = BUILTIN_SPLIT_LAYOUTS.get(dataset, "?")
+        if rest == "val.txt":
+            rows.append((f"{dataset}/val", layout, str(count(name)), "-", f"data.val_split={BUILTIN_PREFIX}{name}"))
+        elif rest.endswith("/labeled.txt"):
+            unlabeled = name[: -len("labeled.txt")] + "unlabeled.txt"
+            n_unlabeled = str(count(unlabeled)) if unlabeled in names else "-"
+            value = f"data.labeled_split={BUILTIN_PREFIX}{name}"
+            if unlabeled in names:
+                value += f" data.unlabeled_split={BUILTIN_PREFIX}{unlabeled}"
+            rows.append((name[: -len("/labeled.txt")], layout, str(count(name)), n_unlabeled, value))
+    header = ("name", "layout", "labeled", "unlabeled", "config (key=value, as in a YAML config or an override)")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+    print(f"Shipped split lists ({BUILTIN_SPLITS_DIR}; source and license: SOURCE.md there).")
+    print("val lists: 'labeled' is the number of val images.\n")
+    for row in [header, *rows]:
+        cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1]), row[2].rjust(widths[2]), row[3].rjust(widths[3])]
+        print("  ".join(cells + [row[4]]))
+    print("\n" + SPLITS_LAYOUT_GUIDE, end="")
+    return 0
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from .predict import predict_images
 
@@ -103,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("images", nargs="+", help="image files")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("splits", help="list the shipped standard splits (builtin:NAME) and the dataset layouts on disk")
+    p.set_defaults(func=_cmd_splits)
     return parser
 
 

@@ -6,13 +6,20 @@ Three on-disk layouts are supported (see ``build_samples``):
   Split lines may also use the ST++ two-column form
   ``JPEGImages/x.jpg SegmentationClass/x.png``.
 * ``cityscapes``: ``leftImg8bit/{id}_leftImg8bit.png`` and
-  ``gtFine/{id}_gtFine_labelIds.png``; labelIds are mapped to the 19 train ids.
+  ``gtFine/{id}_gtFine_labelIds.png`` (or ``_gtFine_labelTrainIds.png`` when only
+  that exists); labelIds are mapped to the 19 train ids, labelTrainIds are used as
+  they are. Split lines may also use the ST++/UniMatch two-column form
+  ``leftImg8bit/train/c/c_x_y_leftImg8bit.png gtFine/train/c/c_x_y_gtFine_labelTrainIds.png``.
 * ``folder``: ``images/{id}.{jpg,jpeg,png,bmp,tif,tiff}`` and ``masks/{id}.png``.
+
+A split path ``builtin:NAME`` names a list shipped in ``stpp_ray/splits/`` (see
+``stpp-ray splits``); any other relative split path is relative to the dataset root.
 """
 
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +32,12 @@ LAYOUTS = ("voc", "cityscapes", "folder")
 MAX_LISTED_PROBLEMS = 20
 FOLDER_IMAGE_EXTS = ("jpg", "jpeg", "png", "bmp", "tif", "tiff")
 MASK_MODES = ("L", "P")
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_SPLITS_DIR = Path(__file__).resolve().parent / "splits"
+_CITYSCAPES_IMAGE = re.compile(r"(?:\./)?leftImg8bit/(.+)_leftImg8bit\.png")
+CITYSCAPES_TRAIN_ID_SUFFIX = "_labelTrainIds.png"
+# Layout of each shipped dataset folder under BUILTIN_SPLITS_DIR.
+BUILTIN_SPLIT_LAYOUTS = {"pascal": "voc", "cityscapes": "cityscapes"}
 
 # Official Cityscapes labelId -> trainId table (cityscapesScripts labels.py).
 _CITYSCAPES_LABEL_TO_TRAIN = {
@@ -81,17 +94,46 @@ def _check_layout(layout: str) -> None:
         raise DatasetError(f"unknown dataset layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
 
 
+def builtin_split_names() -> list[str]:
+    """Names of the shipped split lists, e.g. ``pascal/92/labeled.txt``."""
+    return sorted(p.relative_to(BUILTIN_SPLITS_DIR).as_posix() for p in BUILTIN_SPLITS_DIR.rglob("*.txt"))
+
+
+def builtin_split_path(name: str) -> Path:
+    """Path of the shipped split list ``name``; DatasetError naming the known ones if unknown."""
+    names = builtin_split_names()
+    if name not in names:
+        raise DatasetError(
+            f"unknown builtin split '{BUILTIN_PREFIX}{name}' (see `stpp-ray splits`); shipped splits: "
+            + (", ".join(BUILTIN_PREFIX + n for n in names) or f"none (no *.txt under {BUILTIN_SPLITS_DIR})")
+        )
+    return BUILTIN_SPLITS_DIR / name
+
+
 def resolve_path(root: Path | str, path: str | Path) -> Path:
-    """Return ``path`` as is when absolute, else relative to ``root``."""
+    """Return a ``builtin:NAME`` split's shipped file, ``path`` as is when absolute, else relative to ``root``."""
+    if isinstance(path, str) and path.startswith(BUILTIN_PREFIX):
+        return builtin_split_path(path[len(BUILTIN_PREFIX):])
     path = Path(path)
     return path if path.is_absolute() else Path(root) / path
 
 
+def _under_root(root: Path, path: str) -> Path:
+    # Paths inside split entries are never ``builtin:`` names.
+    path = Path(path)
+    return path if path.is_absolute() else root / path
+
+
 def split_entry_id(entry: str) -> str:
-    """Image id of a split entry: the first path's stem for two-column entries."""
+    """Image id of a split entry.
+
+    Two-column entries give the first path's stem, except Cityscapes
+    ``leftImg8bit/{id}_leftImg8bit.png`` which gives ``{id}`` (as the one-id form).
+    """
     columns = entry.split()
     if len(columns) == 2:
-        return Path(columns[0]).stem
+        match = _CITYSCAPES_IMAGE.fullmatch(columns[0])
+        return match.group(1) if match else Path(columns[0]).stem
     return entry
 
 
@@ -133,16 +175,30 @@ def read_split(root: Path | str, split_file: str | Path) -> list[str]:
     return entries
 
 
-def _voc_paths(root: Path, entry: str) -> tuple[str, Path, Path]:
+def _two_column_paths(root: Path, entry: str) -> tuple[str, Path, Path] | None:
     columns = entry.split()
-    if len(columns) == 2:
-        return Path(columns[0]).stem, resolve_path(root, columns[0]), resolve_path(root, columns[1])
-    return entry, root / "JPEGImages" / f"{entry}.jpg", root / "SegmentationClass" / f"{entry}.png"
+    if len(columns) != 2:
+        return None
+    return split_entry_id(entry), _under_root(root, columns[0]), _under_root(root, columns[1])
+
+
+def _voc_paths(root: Path, entry: str) -> tuple[str, Path, Path]:
+    return _two_column_paths(root, entry) or (
+        entry, root / "JPEGImages" / f"{entry}.jpg", root / "SegmentationClass" / f"{entry}.png"
+    )
 
 
 def _cityscapes_paths(root: Path, entry: str) -> tuple[str, Path, Path]:
+    two_column = _two_column_paths(root, entry)
+    if two_column:
+        return two_column
     image = root / "leftImg8bit" / f"{entry}_leftImg8bit.png"
     mask = root / "gtFine" / f"{entry}_gtFine_labelIds.png"
+    # The preprocessed gtFine of ST++/UniMatch (README.md) is named by their lists as
+    # *_gtFine_labelTrainIds.png (UniMatch splits/cityscapes/*.txt); take it when labelIds is absent.
+    train_ids = root / "gtFine" / f"{entry}_gtFine{CITYSCAPES_TRAIN_ID_SUFFIX}"
+    if not mask.is_file() and train_ids.is_file():
+        mask = train_ids
     return entry, image, mask
 
 
@@ -228,11 +284,15 @@ def _mask_array(img: Image.Image, path: Path | str) -> np.ndarray:
 
 
 def read_mask(path: Path | str, layout: str) -> np.ndarray:
-    """Read a mask as HxW uint8 class indices (cityscapes labelIds -> train ids)."""
+    """Read a mask as HxW uint8 class indices.
+
+    Cityscapes labelIds are mapped to train ids; a ``*_labelTrainIds.png`` mask
+    already holds train ids and is used as it is.
+    """
     _check_layout(layout)
     with _open_fully(path, "mask") as img:
         mask = _mask_array(img, path)
-    if layout == "cityscapes":
+    if layout == "cityscapes" and not Path(path).name.endswith(CITYSCAPES_TRAIN_ID_SUFFIX):
         mask = CITYSCAPES_LUT[mask]
     return mask
 

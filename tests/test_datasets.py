@@ -139,6 +139,89 @@ def test_cityscapes_good_and_label_mapping(tmp_path):
     np.testing.assert_array_equal(train_ids[::2, ::2], expected)
 
 
+CITY_ID = "train/jena/jena_000078_000019"
+CITY_IMAGE = f"leftImg8bit/{CITY_ID}_leftImg8bit.png"
+# Values that the labelId table would change (7 -> 0, 8 -> 1, 0 -> 255, 26 -> 13).
+CITY_VALUES = np.kron(np.array([[7, 8], [0, 26]], dtype=np.uint8), np.ones((4, 4), dtype=np.uint8))
+
+
+def test_cityscapes_two_column_label_train_ids_are_not_remapped(tmp_path):
+    # The UniMatch form: splits/cityscapes/*.txt (LiheYoung/UniMatch), masks already train ids.
+    mask = f"gtFine/{CITY_ID}_gtFine_labelTrainIds.png"
+    write_image(tmp_path / CITY_IMAGE)
+    write_mask(tmp_path / mask, CITY_VALUES)
+    write_split(tmp_path / "s.txt", [f"{CITY_IMAGE} {mask}"])
+    (sample,) = build_samples("cityscapes", tmp_path, "s.txt", with_masks=True)
+    assert sample == Sample(CITY_ID, tmp_path / CITY_IMAGE, tmp_path / mask)
+    np.testing.assert_array_equal(read_mask(sample.mask_path, "cityscapes"), CITY_VALUES)
+    check_samples([sample], num_classes=27, layout="cityscapes")
+
+
+def test_cityscapes_two_column_label_ids_are_remapped(tmp_path):
+    mask = f"gtFine/{CITY_ID}_gtFine_labelIds.png"
+    write_image(tmp_path / CITY_IMAGE)
+    write_mask(tmp_path / mask, CITY_VALUES)
+    write_split(tmp_path / "s.txt", [f"{CITY_IMAGE} {mask}"])
+    (sample,) = build_samples("cityscapes", tmp_path, "s.txt", with_masks=True)
+    expected = np.kron(np.array([[0, 1], [255, 13]], dtype=np.uint8), np.ones((4, 4), dtype=np.uint8))
+    np.testing.assert_array_equal(read_mask(sample.mask_path, "cityscapes"), expected)
+
+
+def test_cityscapes_id_falls_back_to_label_train_ids(tmp_path):
+    write_image(tmp_path / CITY_IMAGE)
+    write_mask(tmp_path / "gtFine" / f"{CITY_ID}_gtFine_labelTrainIds.png", CITY_VALUES)
+    write_split(tmp_path / "s.txt", [CITY_ID])
+    (sample,) = build_samples("cityscapes", tmp_path, "s.txt", with_masks=True)
+    assert sample.mask_path.name == "jena_000078_000019_gtFine_labelTrainIds.png"
+    np.testing.assert_array_equal(read_mask(sample.mask_path, "cityscapes"), CITY_VALUES)
+    # With both present, labelIds wins.
+    write_mask(tmp_path / "gtFine" / f"{CITY_ID}_gtFine_labelIds.png", CITY_VALUES)
+    (sample,) = build_samples("cityscapes", tmp_path, "s.txt", with_masks=True)
+    assert sample.mask_path.name == "jena_000078_000019_gtFine_labelIds.png"
+
+
+def test_cityscapes_missing_mask_names_the_label_ids_file(tmp_path):
+    write_image(tmp_path / CITY_IMAGE)
+    write_split(tmp_path / "s.txt", [CITY_ID])
+    with pytest.raises(DatasetError) as excinfo:
+        build_samples("cityscapes", tmp_path, "s.txt", with_masks=True)
+    assert problems_of(excinfo) == [f"{tmp_path / 'gtFine' / CITY_ID}_gtFine_labelIds.png: missing mask file"]
+
+
+def test_cityscapes_both_forms_give_the_same_id(tmp_path):
+    two_column = f"{CITY_IMAGE} gtFine/{CITY_ID}_gtFine_labelTrainIds.png"
+    write_split(tmp_path / "s.txt", [CITY_ID, two_column])
+    with pytest.raises(DatasetError, match=f"duplicate id '{CITY_ID}'"):
+        read_split(tmp_path, "s.txt")
+    with pytest.raises(DatasetError, match="1 id"):
+        check_disjoint([CITY_ID], [two_column])
+
+
+def test_builtin_split_resolves_to_the_shipped_file(tmp_path):
+    from stpp_ray.datasets import BUILTIN_SPLITS_DIR
+
+    assert resolve_path(tmp_path, "builtin:pascal/92/labeled.txt") == BUILTIN_SPLITS_DIR / "pascal/92/labeled.txt"
+    assert len(read_split(tmp_path, "builtin:pascal/92/labeled.txt")) == 92
+    with pytest.raises(DatasetError, match=r"unknown builtin split 'builtin:pascal/92'.*builtin:pascal/92/labeled\.txt"):
+        read_split(tmp_path, "builtin:pascal/92")
+
+
+def test_builtin_split_entries_resolve_under_the_data_root(tmp_path):
+    write_image(tmp_path / "JPEGImages" / "2007_000733.jpg")  # the first id of the list
+    with pytest.raises(DatasetError) as excinfo:
+        build_samples("voc", tmp_path, "builtin:pascal/92/labeled.txt", with_masks=False)
+    assert f"{tmp_path}/JPEGImages/2010_004493.jpg: missing image file" in problems_of(excinfo)
+    assert f"{tmp_path}/JPEGImages/2007_000733.jpg: missing image file" not in problems_of(excinfo)
+
+
+def test_compare_oracle_epochs_reads_builtin_splits(tmp_path):
+    from stpp_ray.compare import oracle_epochs
+    from stpp_ray.config import load_config
+
+    cfg = load_config(None, ["data.labeled_split=builtin:pascal/1_16/labeled.txt", "train.epochs=80"])
+    assert oracle_epochs(cfg, tmp_path, "builtin:pascal/1464/labeled.txt") == round(80 * 662 / 1464)
+
+
 def test_folder_good_mixed_extensions(tmp_path):
     for image_id, ext in [("p", "png"), ("q", "jpeg"), ("r", "bmp"), ("s", "tif")]:
         write_image(tmp_path / "images" / f"{image_id}.{ext}")
