@@ -6,11 +6,10 @@ from pathlib import Path
 
 import torch
 
-from stpp_ray.checkpoints import architecture, save_weights
+from stpp_ray.checkpoints import architecture, build_from_architecture, save_weights
 from stpp_ray.config import Config, load_config
 from stpp_ray.datasets import build_samples
 from stpp_ray.demo_data import ensure_demo_dataset
-from stpp_ray.models import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = ROOT / "jobs" / "demo.yaml"
@@ -41,9 +40,7 @@ def make_checkpoints(cfg: Config, out_dir: Path) -> list[str]:
     paths = []
     for i, epoch in enumerate(cfg.checkpoint_epochs()):
         torch.manual_seed(1000 + i)
-        model = build_model(cfg.model.name, cfg.model.backbone, cfg.data.num_classes,
-                            output_stride=cfg.model.output_stride, pretrained="none",
-                            aspp_channels=cfg.model.aspp_channels).eval()
+        model = build_from_architecture(arch).eval()
         path = out_dir / f"epoch_{int(epoch):03d}.pt"
         save_weights(path, model, arch, epoch=int(epoch), stage="bench")
         paths.append(str(path))

@@ -10,9 +10,10 @@ Behaviour of v2 (torchvision 0.29) that this module relies on or works around:
 
 * ``RandomCrop(fill=0)`` also pads masks with 0 (a real class), so the fill
   is given per type: image 0, mask 255.
-* ``RandomCrop(pad_if_needed=True)`` pads the missing amount on *both* sides
-  and then crops at a random offset, so a small image lands at a random place
-  inside the crop (the ST++ reference pads only right/bottom).
+* ``RandomCrop(pad_if_needed=True)`` pads the missing amount on *both* sides,
+  so a small image would land at a random place inside the crop; the ST++
+  reference (dataset/transform.py ``crop``) pads only right and bottom, hence
+  ``PadToSize`` before the crop.
 * ``resize`` always uses nearest-neighbour for masks; we ask for
   NEAREST_EXACT, which samples pixel centres like bilinear does and so keeps
   mask and image aligned.
@@ -45,20 +46,54 @@ CUTOUT_AREA = (0.02, 0.4)
 CUTOUT_ASPECT = (0.3, 1 / 0.3)
 
 
-class RandomRescale(v2.Transform):
-    """Resize by a random ratio of the input's own size (bilinear image, nearest mask)."""
+class PadToSize(v2.Transform):
+    """Pad the right and bottom up to `size` (image 0, mask 255), as ST++'s `crop`
+    (LiheYoung/ST-PlusPlus dataset/transform.py); larger sides are left alone."""
 
-    def __init__(self, scale_range: Sequence[float] = (0.5, 2.0)):
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        height, width = v2.query_size(flat_inputs)
+        return {"padding": [0, 0, max(0, self.size - width), max(0, self.size - height)]}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if not any(params["padding"]) or not isinstance(inpt, (tv_tensors.Image, tv_tensors.Mask)):
+            return inpt
+        fill = IGNORE_INDEX if isinstance(inpt, tv_tensors.Mask) else 0
+        return self._call_kernel(F.pad, inpt, params["padding"], fill=fill)
+
+
+class RandomRescale(v2.Transform):
+    """Resize so that the long side is a random integer in [int(low B), int(high B)] (both
+    included), B = `base_size`, or the input's own long side when `base_size` is 0; the short
+    side keeps the aspect ratio, rounded half up (bilinear image, nearest mask).
+
+    This is the law of `resize` in LiheYoung/ST-PlusPlus dataset/transform.py (B = 400 for
+    Pascal, 2048 for Cityscapes, dataset/semi.py) and, with B = 0, of LiheYoung/UniMatch
+    dataset/transform.py `resize` (B = max(h, w) of the image)."""
+
+    def __init__(self, scale_range: Sequence[float] = (0.5, 2.0), base_size: int = 0):
         super().__init__()
         low, high = scale_range
         if not 0 < low <= high:
             raise ValueError(f"scale_range must satisfy 0 < low <= high, got {scale_range}")
+        if base_size < 0:
+            raise ValueError(f"base_size must be >= 0 (0 = the image's own long side), got {base_size}")
         self.scale_range = (float(low), float(high))
+        self.base_size = int(base_size)
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         height, width = v2.query_size(flat_inputs)
-        ratio = torch.empty(()).uniform_(*self.scale_range).item()
-        return {"size": [max(1, round(height * ratio)), max(1, round(width * ratio))]}
+        base = self.base_size or max(height, width)
+        low, high = int(base * self.scale_range[0]), int(base * self.scale_range[1])
+        long_side = max(1, int(torch.randint(low, high + 1, ())))
+        if height > width:
+            size = [long_side, int(1.0 * width * long_side / height + 0.5)]
+        else:
+            size = [int(1.0 * height * long_side / width + 0.5), long_side]
+        return {"size": [max(1, size[0]), max(1, size[1])]}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         if isinstance(inpt, tv_tensors.Mask):
@@ -68,9 +103,43 @@ class RandomRescale(v2.Transform):
         return self._call_kernel(F.resize, inpt, params["size"], interpolation=mode, antialias=True)
 
 
+# On square crops a try fits with probability ~0.28 (Cutout), >= 0.06 (a CutMix box of 40% area).
+_MAX_BOX_TRIES = 10_000
+
+
+def _uniform(low: float, high: float) -> float:
+    return torch.empty(()).uniform_(low, high).item()
+
+
+def fitting_box(height: int, width: int, area: Sequence[float] = CUTOUT_AREA, aspect: Sequence[float] = CUTOUT_ASPECT,
+                redraw_area: bool = True) -> tuple[int, int, int, int]:
+    """(top, left, box_h, box_w) by rejection, as the references: draw the area (a fraction
+    in `area` of height x width), the aspect h/w in `aspect`, sides int(sqrt(area*aspect))
+    and int(sqrt(area/aspect)), and a top-left corner anywhere in the image, until the box
+    lies inside it. `redraw_area`: every try draws a new area (ST++'s Cutout, which so
+    favours small boxes); otherwise the area is drawn once (UniMatch's CutMix box). Sides
+    may be 0 on tiny images, as there. After `_MAX_BOX_TRIES` (practically never) the last
+    box is clamped into the image."""
+    size = height * width * _uniform(*area)
+    for _ in range(_MAX_BOX_TRIES):
+        if redraw_area:
+            size = height * width * _uniform(*area)
+        ratio = _uniform(*aspect)
+        box_w, box_h = int(math.sqrt(size / ratio)), int(math.sqrt(size * ratio))
+        left, top = int(torch.randint(0, width, ())), int(torch.randint(0, height, ()))
+        if left + box_w <= width and top + box_h <= height:
+            return top, left, box_h, box_w
+    box_h, box_w = min(box_h, height), min(box_w, width)
+    return min(top, height - box_h), min(left, width - box_w), box_h, box_w
+
+
 class Cutout(v2.Transform):
     """With probability p, fill one random rectangle of the image with random
-    pixel values and set the same rectangle to 255 (ignore) in the mask."""
+    pixel values and set the same rectangle to 255 (ignore) in the mask.
+
+    The law of `cutout` in LiheYoung/ST-PlusPlus dataset/transform.py: size and place
+    redrawn together until the box fits (`fitting_box`), values uniform in 0..254
+    (uniform(0, 255) floats cast to uint8 there)."""
 
     def __init__(self, p: float = 0.5, area: Sequence[float] = CUTOUT_AREA, aspect: Sequence[float] = CUTOUT_ASPECT):
         super().__init__()
@@ -78,25 +147,12 @@ class Cutout(v2.Transform):
         self.area = tuple(area)
         self.aspect = tuple(aspect)
 
-    def _box_size(self, height: int, width: int) -> tuple[int, int]:
-        # Redraw until the box fits (as the ST++ reference does); clamp as a fallback.
-        for _ in range(10):
-            area = height * width * torch.empty(()).uniform_(*self.area).item()
-            aspect = torch.empty(()).uniform_(*self.aspect).item()
-            box_h = int(math.sqrt(area * aspect))
-            box_w = int(math.sqrt(area / aspect))
-            if box_h <= height and box_w <= width:
-                break
-        return max(1, min(box_h, height)), max(1, min(box_w, width))
-
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         if torch.rand(()).item() >= self.p:
             return {"box": None}
         channels, height, width = v2.query_chw(flat_inputs)
-        box_h, box_w = self._box_size(height, width)
-        top = int(torch.randint(0, height - box_h + 1, ()))
-        left = int(torch.randint(0, width - box_w + 1, ()))
-        values = torch.randint(0, 256, (channels, box_h, box_w), dtype=torch.uint8)
+        top, left, box_h, box_w = fitting_box(height, width, self.area, self.aspect)
+        values = torch.randint(0, 255, (channels, box_h, box_w), dtype=torch.uint8)
         return {"box": (top, left, box_h, box_w), "values": values}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
@@ -128,18 +184,16 @@ def blur_kernel_size(crop_size: int, max_sigma: float = BLUR_SIGMA[1]) -> int:
     return max(1, min(size, largest_odd))
 
 
-def weak_augment(crop_size: int, scale_range: Sequence[float] = (0.5, 2.0)) -> PairTransform:
-    """Random rescale, random crop (pad: image 0, mask 255), horizontal flip p=0.5.
+def weak_augment(crop_size: int, scale_range: Sequence[float] = (0.5, 2.0), base_size: int = 0) -> PairTransform:
+    """Random rescale (`RandomRescale`: long side scale_range x `base_size`, 0 = the image's
+    own long side), random crop (pad: image 0, mask 255), horizontal flip p=0.5.
 
     Returns a callable ``(image, mask) -> (image, mask)``.
     """
     return v2.Compose([
-        RandomRescale(scale_range),
-        v2.RandomCrop(
-            crop_size,
-            pad_if_needed=True,
-            fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX},
-        ),
+        RandomRescale(scale_range, base_size),
+        PadToSize(crop_size),
+        v2.RandomCrop(crop_size),
         v2.RandomHorizontalFlip(p=0.5),
     ])
 
@@ -159,14 +213,13 @@ def strong_augment(crop_size: int, cutout: bool = True) -> PairTransform:
 
 
 def cutmix_box(size: int, p: float = 0.5) -> torch.Tensor:
-    """UniMatch's CutMix region: with probability p one random box (area 2-40% of the square
-    crop, aspect 0.3-3.3, drawn as Cutout's) set to True in a `size` x `size` bool map."""
+    """UniMatch's CutMix region: with probability p one random box set to True in a `size` x
+    `size` bool map; the law of `obtain_cutmix_box` (LiheYoung/UniMatch dataset/transform.py):
+    area 2-40% of the crop drawn once, then aspect 0.3-3.3 and place redrawn until it fits."""
     box = torch.zeros(size, size, dtype=torch.bool)
     if torch.rand(()).item() >= p:
         return box
-    box_h, box_w = Cutout()._box_size(size, size)
-    top = int(torch.randint(0, size - box_h + 1, ()))
-    left = int(torch.randint(0, size - box_w + 1, ()))
+    top, left, box_h, box_w = fitting_box(size, size, redraw_area=False)
     box[top:top + box_h, left:left + box_w] = True
     return box
 

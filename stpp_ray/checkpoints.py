@@ -14,7 +14,9 @@ import torch
 
 from .models import build_model
 
-ARCH_KEYS = ("name", "backbone", "output_stride", "aspp_channels", "num_classes")
+ARCH_KEYS = ("name", "backbone", "output_stride", "aspp_channels", "num_classes", "head")
+# Keys an architecture record may lack (files and records written before the key existed).
+ARCH_DEFAULTS = {"head": "stpp"}
 
 
 class CheckpointError(ValueError):
@@ -22,14 +24,22 @@ class CheckpointError(ValueError):
 
 
 def architecture(model_cfg, num_classes: int) -> dict[str, Any]:
-    """The fields that decide a model's shape, as stored in every weight file."""
+    """The fields that rebuild a model (shape and head), as stored in every weight file."""
     return {
         "name": model_cfg.name,
         "backbone": model_cfg.backbone,
         "output_stride": model_cfg.output_stride,
         "aspp_channels": model_cfg.aspp_channels,
         "num_classes": num_classes,
+        "head": model_cfg.resolved_head(),
     }
+
+
+def build_from_architecture(arch: dict) -> torch.nn.Module:
+    """A freshly initialised model as an architecture record describes it."""
+    arch = {**ARCH_DEFAULTS, **arch}
+    return build_model(arch["name"], arch["backbone"], arch["num_classes"], output_stride=arch["output_stride"],
+                       aspp_channels=arch["aspp_channels"], head=arch["head"])
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -63,16 +73,14 @@ def read_weights(path: str | Path) -> dict:
 def load_model(path: str | Path, expect_arch: dict | None = None) -> tuple[torch.nn.Module, dict]:
     """Rebuild the model a weight file describes; `expect_arch` guards against mix-ups."""
     blob = read_weights(path)
-    arch = blob["arch"]
+    arch = {**ARCH_DEFAULTS, **blob["arch"]}
     if expect_arch is not None:
+        expect_arch = {**ARCH_DEFAULTS, **expect_arch}
         diff = {k: (arch.get(k), expect_arch[k]) for k in ARCH_KEYS if arch.get(k) != expect_arch[k]}
         if diff:
             detail = ", ".join(f"{k}: file has {a!r}, config wants {b!r}" for k, (a, b) in diff.items())
             raise CheckpointError(f"{path}: checkpoint is for another model ({detail})")
-    model = build_model(
-        arch["name"], arch["backbone"], arch["num_classes"],
-        output_stride=arch["output_stride"], aspp_channels=arch["aspp_channels"],
-    )
+    model = build_from_architecture(arch)
     try:
         model.load_state_dict(blob["model"])
     except RuntimeError as err:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 METHODS = ("supervised", "st", "stpp", "mean_teacher", "u2pl", "dmt", "unimatch")
 ONLINE_METHODS = ("mean_teacher", "u2pl", "unimatch")
@@ -37,7 +37,8 @@ class DataConfig(_Section):
     num_classes: int = Field(21, ge=2, le=255, description="Number of classes, background included (255 is the ignore label).")
     labeled_split: str = Field(
         "ImageSets/Segmentation/1_16/labeled.txt",
-        description="Split list of labeled training images (one id per line), relative to `data.root` unless absolute.",
+        description="Split list of labeled training images (one id per line), relative to `data.root` unless absolute; "
+        "`builtin:NAME` is a standard split shipped with stpp_ray (`stpp-ray splits` lists them).",
     )
     unlabeled_split: str = Field(
         "ImageSets/Segmentation/1_16/unlabeled.txt",
@@ -45,6 +46,17 @@ class DataConfig(_Section):
     )
     val_split: str = Field("ImageSets/Segmentation/val.txt", description="Split list of validation images (with masks).")
     crop_size: int = Field(321, ge=8, description="Square training crop after random scaling (321 for VOC, 721 for Cityscapes in the paper).")
+    base_size: int | None = Field(
+        None, ge=0,
+        description="Random scaling draws the long side in [0.5, 2.0] x this many pixels, the short side following "
+        "(as ST++); 0 = the image's own long side (as UniMatch's code); unset = per layout: 400 for `voc`, 2048 for "
+        "`cityscapes` (ST++'s), 0 for `folder` and for the generated demo data (`data.demo`).",
+    )
+    max_images: int = Field(
+        0, ge=0,
+        description="Use only the first N ids of each split list (labeled, unlabeled, val), for a quick trial of a "
+        "real config; only their files need to exist. 0 = all.",
+    )
     demo: bool = Field(
         False,
         description="Generate the embedded demo dataset at `data.root` if it is missing (see `stpp-ray demo-data`).",
@@ -58,18 +70,43 @@ class DataConfig(_Section):
         description="Read and validate every image and mask before training starts (stops on the first bad file set).",
     )
 
+    def scale_base_size(self) -> int:
+        """`base_size`, or when unset the layout's default (LiheYoung/ST-PlusPlus dataset/semi.py: 400 for
+        Pascal, 2048 for Cityscapes); 0 for the demo data, whose small images are no Pascal photos."""
+        if self.base_size is not None:
+            return self.base_size
+        if self.demo:
+            return 0
+        return {"voc": 400, "cityscapes": 2048}.get(self.layout, 0)
+
 
 class ModelConfig(_Section):
     name: Literal["deeplabv3plus"] = Field("deeplabv3plus", description="Segmentation architecture.")
     backbone: Literal["resnet18", "resnet50", "resnet101", "mobilenet_v3_large", "tiny"] = Field(
         "resnet50", description="Backbone network (torchvision; `tiny` is a small residual trunk for CPU demos)."
     )
-    output_stride: Literal[8, 16] = Field(16, description="Backbone output stride (8 or 16), via dilated convolutions.")
+    output_stride: Literal[8, 16] = Field(
+        16, description="Backbone output stride (8 or 16), via dilated convolutions; the ASPP rates follow it: "
+        "(12, 24, 36) at 8 as ST++'s code, (6, 12, 18) at 16 as UniMatch's configs.",
+    )
     pretrained: str = Field(
         "none",
         description="Backbone weights: `none`, `imagenet` (torchvision download, needs internet), or a local state-dict path.",
     )
     aspp_channels: int = Field(256, ge=8, description="Width of the ASPP and decoder (256 in the paper).")
+    head: Literal["auto", "stpp", "unimatch"] = Field(
+        "auto", description="DeepLabv3+ head as a reference builds it: `stpp` (ST++: Dropout2d(0.5) after the ASPP "
+        "projection, Dropout(0.1) after the decoder), `unimatch` (UniMatch: no dropout); both have BatchNorm in the "
+        "ASPP pooling branch. `auto`: `unimatch` for method unimatch, else `stpp`.",
+    )
+    # The run's method, set by Config validation: `auto` resolves against it.
+    _method: str = PrivateAttr("stpp")
+
+    def resolved_head(self) -> str:
+        """The head to build: `head`, with `auto` resolved from the run's method."""
+        if self.head != "auto":
+            return self.head
+        return "unimatch" if self._method == "unimatch" else "stpp"
 
 
 class TrainConfig(_Section):
@@ -89,7 +126,8 @@ class TrainConfig(_Section):
         1, ge=0, description="Validate every N epochs (the last epoch is always validated); 0 validates only the last."
     )
     eval_batch_size: int = Field(
-        1, ge=1, description="Validation batch per worker; >1 only when all validation images share one size."
+        1, ge=1, description="Validation images per loader batch per worker; a batch of mixed image sizes runs one "
+        "forward pass per size, so any value gives the same mIoU."
     )
     sync_batchnorm: bool = Field(
         True, description="Synchronise BatchNorm statistics across workers (batch-size invariance); off = per-worker BN."
@@ -135,6 +173,22 @@ class LabelConfig(_Section):
     rows_per_file: int = Field(256, ge=1, description="Target rows per Parquet shard.")
 
 
+class EvalConfig(_Section):
+    """How validation predicts full images for the reported mIoU (pseudo-labeling always forwards whole images, as ST++)."""
+
+    mode: Literal["whole", "sliding", "center_crop"] = Field(
+        "whole",
+        description="`whole`: one forward pass over each full image (ST++'s evaluation); `sliding`: softmax averaged over "
+        "`eval.window`-pixel square windows at stride 2/3 window covering the full image (UniMatch's Cityscapes "
+        "protocol); `center_crop`: only the central `eval.window` square is predicted and scored.",
+    )
+    window: int = Field(0, ge=0, description="Side of the sliding window or centre crop in pixels; 0 = `data.crop_size`.")
+
+    def options(self, crop_size: int) -> dict:
+        """`mode` and the effective `window`: the keyword arguments of `engine.evaluate`."""
+        return {"mode": self.mode, "window": 0 if self.mode == "whole" else self.window or crop_size}
+
+
 class SemiConfig(_Section):
     """Knobs of the methods other than ST/ST++ (see the README's "Other methods")."""
 
@@ -164,9 +218,18 @@ class SemiConfig(_Section):
     )
     dmt_gamma1: float = Field(5.0, ge=0, description="DMT: weight p^gamma1 where model and pseudo-label agree (VOC scripts: 5).")
     dmt_gamma2: float = Field(5.0, ge=0, description="DMT: weight p^gamma2 where they disagree and the pseudo-label is more confident.")
+    # DMT's phase recipe, voldemortX/DST-CBC segmentation/dmt-voc-20-1.sh and dmt-voc-106-1lr.sh
+    # (ep=4, lr=0.001; dmt-city-8-1.sh: ep=10, lr=0.004, gammas 3) and segmentation/main.py
+    # (SGD momentum 0.9, --weight-decay default 0.0005, one lr for backbone and classifier).
     dmt_phase_epochs: int = Field(
-        0, ge=0, description="DMT: fine-tuning epochs per model per phase (0 = `train.student_epochs`, or `train.epochs`)."
+        4, ge=0, description="DMT: fine-tuning epochs per model per phase (DMT's VOC scripts: 4, Cityscapes: 10; "
+        "0 = `train.student_epochs`, or `train.epochs`).",
     )
+    dmt_lr: float = Field(0.001, gt=0, description="DMT: learning rate of the phases' fine-tuning (DMT's VOC scripts: 0.001, Cityscapes: 0.004).")
+    dmt_head_lr_multiplier: float = Field(
+        1.0, gt=0, description="DMT: head learning-rate multiplier in the phases (DMT: 1, one rate for all parameters)."
+    )
+    dmt_weight_decay: float = Field(5e-4, ge=0, description="DMT: SGD weight decay in the phases (DMT: 5e-4).")
     dmt_seed_offset: int = Field(1, ge=1, description="DMT: the second model is trained with seed `run.seed` + this (other initialisation and data order).")
 
     @model_validator(mode="after")
@@ -219,6 +282,7 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     label: LabelConfig = Field(default_factory=LabelConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     run: RunSection = Field(default_factory=RunSection)
     semi: SemiConfig = Field(default_factory=SemiConfig)
@@ -246,6 +310,20 @@ class Config(_Section):
             )
         if self.train.device == "cuda" and not self.ray.use_gpu:
             raise ValueError("train.device=cuda needs ray.use_gpu=true (Ray must assign GPUs to the workers)")
+        self.model._method = self.method  # model.head=auto follows the method
+        # The heads' ASPP pooling branch has BatchNorm on a 1x1 map: a training forward of the
+        # labeled batch alone (every method but Mean Teacher, UniMatch, and U2PL without warm-up,
+        # which add unlabeled images to it) needs 2+ images per BatchNorm.
+        labeled_alone = self.method not in ("mean_teacher", "unimatch", "u2pl") or (
+            self.method == "u2pl" and self.semi.u2pl_warmup_epochs > 0)
+        synced = self.ray.num_workers == 1 or self.train.sync_batchnorm
+        per_bn = self.train.batch_size if synced else self.train.batch_size // self.ray.num_workers
+        if labeled_alone and per_bn < 2:
+            where = "train.batch_size" if synced else "train.batch_size / ray.num_workers (train.sync_batchnorm=false)"
+            raise ValueError(
+                f"{where} is {per_bn}: BatchNorm in the ASPP pooling branch needs at least 2 images per "
+                "BatchNorm in training; raise train.batch_size (or turn train.sync_batchnorm on)"
+            )
         return self
 
     def stage_epochs(self, stage: str) -> int:

@@ -45,6 +45,17 @@ def sample_seed(seed: int, epoch: int, index: int, *stream: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, index, *stream]).generate_state(1)[0])
 
 
+def split_key(key: int | tuple[int, int], default_epoch: int) -> tuple[int, int]:
+    """(epoch, index) of a dataset key: an `(epoch, index)` pair from a `GlobalBatchSampler`
+    with `with_epoch`, or a plain index read at `default_epoch` (the dataset's `set_epoch`).
+    DataLoader worker processes hold copies of the dataset that `set_epoch` in the main
+    process never reaches, so training loaders pass the epoch with every index."""
+    if isinstance(key, tuple):
+        epoch, index = key
+        return int(epoch), int(index)
+    return default_epoch, int(key)
+
+
 NO_CONFIDENCE = 255  # confidence-map value of pixels whose label is not a pseudo-label
 
 
@@ -52,19 +63,23 @@ class TrainSet(Dataset):
     """Weak augmentation for every item, strong augmentation on top for pseudo-labeled ones.
 
     With `with_confidence` (DMT) items are (image, mask, confidence) where confidence is a
-    uint8 map: round(254 p) for pseudo-labels, `NO_CONFIDENCE` for ground truth."""
+    uint8 map: round(254 p) for pseudo-labels, `NO_CONFIDENCE` for ground truth.
+
+    Keys are `(epoch, index)` pairs (`GlobalBatchSampler(with_epoch=True)`) or plain indices
+    read at the epoch of `set_epoch`. `base_size`: see `augment.RandomRescale`."""
 
     def __init__(self, items: Sequence[TrainItem], layout: str, crop_size: int, seed: int,
-                 with_confidence: bool = False):
+                 with_confidence: bool = False, base_size: int = 0):
         self.items = list(items)
         self.with_confidence = with_confidence
         self.layout = layout
         self.seed = seed
         self.epoch = 0
-        self.weak = weak_augment(crop_size)
+        self.weak = weak_augment(crop_size, base_size=base_size)
         self.strong = strong_augment(crop_size)
 
     def set_epoch(self, epoch: int) -> None:
+        """The epoch of plain-index keys (in this process only)."""
         self.epoch = epoch
 
     def __len__(self) -> int:
@@ -75,7 +90,8 @@ class TrainSet(Dataset):
             return decode_mask_png(item.mask_png)
         return read_mask(item.mask_path, self.layout)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, ...]:
+        epoch, index = split_key(key, self.epoch)
         item = self.items[index]
         image, mask = to_tv(read_image(item.image_path), self._mask(item))
         extra = ()
@@ -84,7 +100,7 @@ class TrainSet(Dataset):
             extra = (tv_tensors.Mask(torch.from_numpy(conf) if conf is not None
                                      else torch.full(mask.shape, NO_CONFIDENCE, dtype=torch.uint8)),)
         with torch.random.fork_rng(devices=[]):  # augmentation must not disturb the model's RNG
-            torch.manual_seed(sample_seed(self.seed, self.epoch, index))
+            torch.manual_seed(sample_seed(self.seed, epoch, index))
             image, mask, *extra = self.weak(image, mask, *extra)
             if item.strong:
                 image, mask, *extra = self.strong(image, mask, *extra)
@@ -93,7 +109,8 @@ class TrainSet(Dataset):
 
 
 class EvalSet(Dataset):
-    """Full-size validation images with their masks."""
+    """Full-size validation images with their masks (batch them with `collate_pairs`: a split
+    may mix sizes)."""
 
     def __init__(self, samples: Sequence, layout: str):
         self.samples = list(samples)
@@ -115,15 +132,21 @@ class GlobalBatchSampler(Sampler[list[int]]):
     The permutation and the cut into global batches depend only on (seed, epoch,
     dataset size, global batch), so the union over ranks is the same global batch
     whatever the world size. Incomplete last batches are dropped, as in ST++.
+
+    With `with_epoch` every index comes as an `(epoch, index)` pair: the sampler runs in
+    the main process, so this carries `set_epoch` to the datasets' copies in DataLoader
+    worker processes (`TrainSet`, `online.UnlabeledSet` seed augmentations with it).
     """
 
-    def __init__(self, size: int, global_batch: int, rank: int, world_size: int, seed: int):
+    def __init__(self, size: int, global_batch: int, rank: int, world_size: int, seed: int,
+                 with_epoch: bool = False):
         if global_batch % world_size:
             raise ValueError(f"global batch {global_batch} is not divisible by {world_size} workers")
         if size < global_batch:
             raise ValueError(f"{size} training images are fewer than one global batch of {global_batch}")
         self.size, self.global_batch = size, global_batch
         self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.with_epoch = with_epoch
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -132,13 +155,16 @@ class GlobalBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return self.size // self.global_batch
 
-    def __iter__(self) -> Iterator[list[int]]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+    def __iter__(self) -> Iterator[list]:
+        # Built at once, so a later set_epoch cannot change an iteration already begun.
+        epoch = self.epoch
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         order = torch.randperm(self.size, generator=g).tolist()
+        if self.with_epoch:
+            order = [(epoch, i) for i in order]
         per_rank = self.global_batch // self.world_size
-        for b in range(len(self)):
-            start = b * self.global_batch + self.rank * per_rank
-            yield order[start:start + per_rank]
+        starts = (b * self.global_batch + self.rank * per_rank for b in range(len(self)))
+        return iter([order[start:start + per_rank] for start in starts])
 
 
 def build_optimizer(backbone_params, head_params, lr: float, head_lr_multiplier: float,
@@ -222,33 +248,121 @@ def train_one_epoch(model, loader: Iterable, optimizer, scheduler, device: torch
     }
 
 
+def collate_pairs(batch: list) -> list:
+    """DataLoader collate of validation items: the list of (image, mask) pairs as they are, any
+    sizes (`evaluate` runs each size as one forward pass)."""
+    return list(batch)
+
+
+def same_size_groups(batch) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(images B x C x H x W, masks B x H x W) of one loader batch, per image size: a default-
+    collated [images, masks] batch as it is, a `collate_pairs` list stacked per size."""
+    if isinstance(batch[0], torch.Tensor):
+        yield batch[0], batch[1]
+        return
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (image, _) in enumerate(batch):
+        groups.setdefault(tuple(image.shape), []).append(i)
+    for indices in groups.values():
+        yield torch.stack([batch[i][0] for i in indices]), torch.stack([batch[i][1] for i in indices])
+
+
+EVAL_MODES = ("whole", "sliding", "center_crop")
+
+
+def window_stride(window: int) -> int:
+    """UniMatch's sliding-window stride: int(2/3 window)."""
+    return max(1, int(window * 2 / 3))
+
+
+def window_starts(size: int, window: int) -> list[int]:
+    """Window origins along one axis as UniMatch's sliding-window evaluation (LiheYoung/UniMatch
+    supervised.py `evaluate`): 0, s, 2s, ... below `size` with s = `window_stride`; each window
+    ends at min(size, start + window), so edge windows are smaller and an image smaller than
+    the window is one window, the image itself (no padding)."""
+    return list(range(0, size, window_stride(window)))
+
+
 @torch.inference_mode()
-def evaluate(model, loader: Iterable, num_classes: int, device: torch.device) -> ConfusionMatrix:
-    """Confusion matrix over `loader`, summed across ranks when distributed."""
+def sliding_window_probs(model, image: torch.Tensor, window: int) -> torch.Tensor:
+    """Softmax B x C x H x W averaged over the `window_starts` windows covering each pixel.
+
+    UniMatch sums the windows' softmax and takes the argmax; dividing by the per-pixel window
+    count keeps that argmax and makes the result probabilities."""
+    h, w = image.shape[-2:]
+    total, count = None, torch.zeros((h, w), device=image.device)
+    for top in window_starts(h, window):
+        for left in window_starts(w, window):
+            rows, cols = slice(top, top + window), slice(left, left + window)
+            logits = model(image[:, :, rows, cols].contiguous(memory_format=torch.channels_last))
+            if total is None:
+                total = torch.zeros((image.shape[0], logits.shape[1], h, w), device=image.device)
+            total[:, :, rows, cols] += logits.float().softmax(1)
+            count[rows, cols] += 1
+    return total / count
+
+
+def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """The central size x size region of the last two dimensions (a dimension shorter than
+    `size` is kept whole)."""
+    h, w = x.shape[-2:]
+    top, left = max(0, (h - size) // 2), max(0, (w - size) // 2)
+    return x[..., top:top + size, left:left + size]
+
+
+@torch.inference_mode()
+def evaluate(model, loader: Iterable, num_classes: int, device: torch.device, mode: str = "whole",
+             window: int = 0) -> ConfusionMatrix:
+    """Confusion matrix over `loader`, summed across ranks when distributed.
+
+    `mode` (`eval.mode`): `whole` forwards each full image, `sliding` predicts it by
+    `sliding_window_probs` with `window`-pixel windows, `center_crop` scores only its central
+    `window` x `window` crop. Batches are [images, masks] tensors or `collate_pairs` lists of
+    any sizes; each size is one forward pass, so the batch size does not change the result."""
+    if mode not in EVAL_MODES:
+        raise ValueError(f"unknown evaluation mode {mode!r}; expected one of {EVAL_MODES}")
+    if mode != "whole" and window < 1:
+        raise ValueError(f"evaluation mode {mode!r} needs a window of at least 1 pixel, got {window}")
     model.eval()
     cm = ConfusionMatrix(num_classes)
-    for image, mask in loader:
-        logits = model(image.to(device).contiguous(memory_format=torch.channels_last))
-        cm.update(logits.argmax(1).cpu(), mask)
+    for batch in loader:
+        for image, mask in same_size_groups(batch):
+            if mode == "center_crop":
+                image, mask = center_crop(image, window), center_crop(mask, window)
+            image = image.to(device)
+            if mode == "sliding":
+                pred = sliding_window_probs(model, image, window).argmax(1)
+            else:
+                pred = model(image.contiguous(memory_format=torch.channels_last)).argmax(1)
+            cm.update(pred.cpu(), mask)
     cm.all_reduce()
     return cm
 
 
 @torch.inference_mode()
-def predict_probs(model, image: torch.Tensor, scales: Sequence[float] = (1.0,), flip: bool = False) -> torch.Tensor:
-    """Softmax probabilities B x C x H x W, summed over scales (and horizontal flips)."""
+def predict_probs(model, image: torch.Tensor, scales: Sequence[float] = (1.0,), flip: bool = False,
+                  window: int = 0) -> torch.Tensor:
+    """Softmax probabilities B x C x H x W, summed over scales (and horizontal flips).
+
+    As ST++'s test-time augmentation (LiheYoung/ST-PlusPlus model/semseg/base.py, `forward`
+    with tta=True): the input is resized to int(h*s) x int(w*s), the softmax is taken at that
+    scale (the flipped view's flipped back) and the probabilities are resized to h x w,
+    bilinear with align_corners=True. `window` > 0 predicts each view by sliding windows."""
     model.eval()
     h, w = image.shape[-2:]
     total = None
     for scale in scales:
-        x = image if scale == 1.0 else F.interpolate(image, scale_factor=scale, mode="bilinear", align_corners=False)
-        views = [x, x.flip(-1)] if flip else [x]
-        for i, view in enumerate(views):
-            logits = model(view.contiguous(memory_format=torch.channels_last))
-            if i == 1:
-                logits = logits.flip(-1)
-            if logits.shape[-2:] != (h, w):
-                logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
-            probs = logits.float().softmax(1)
+        size = (max(1, int(h * scale)), max(1, int(w * scale)))
+        x = image if size == (h, w) else F.interpolate(image, size=size, mode="bilinear", align_corners=True)
+        for flipped in (False, True) if flip else (False,):
+            view = x.flip(-1) if flipped else x
+            if window > 0:
+                probs = sliding_window_probs(model, view, window)
+            else:
+                probs = model(view.contiguous(memory_format=torch.channels_last)).float().softmax(1)
+            if flipped:
+                probs = probs.flip(-1)
+            if probs.shape[-2:] != (h, w):
+                probs = F.interpolate(probs, size=(h, w), mode="bilinear", align_corners=True)
             total = probs if total is None else total + probs
     return total

@@ -15,6 +15,11 @@ from torchvision import models as tvm
 MODELS = ("deeplabv3plus",)
 BACKBONES = ("resnet18", "resnet50", "resnet101", "mobilenet_v3_large", "tiny")
 OUTPUT_STRIDES = (8, 16)
+# ASPP atrous rates per output stride, the one place they are chosen: ST++ builds (12, 24, 36)
+# on its stride-8 ResNet (model/semseg/deeplabv3plus.py, model/backbone/resnet.py
+# replace_stride_with_dilation=[False, True, True]); UniMatch's configs/pascal.yaml pairs
+# stride 16 ([False, False, True]) with dilations [6, 12, 18].
+_ASPP_RATES = {8: (12, 24, 36), 16: (6, 12, 18)}
 
 # The autograd-aware all_reduce below is deprecated in favour of a private API with no
 # documented autograd contract; keep the public one and silence the notice.
@@ -35,6 +40,13 @@ _MOBILENET_STRIDE16_BLOCK = 7
 
 
 # --------------------------------------------------------------------------- backbones
+
+
+def aspp_rates(output_stride: int) -> tuple[int, int, int]:
+    """The ASPP atrous rates that go with a backbone output stride."""
+    if output_stride not in _ASPP_RATES:
+        raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride}")
+    return _ASPP_RATES[output_stride]
 
 
 def _dilate(module: nn.Module) -> None:
@@ -223,47 +235,71 @@ def _conv_bn_relu(cin: int, cout: int, kernel: int, dilation: int = 1) -> nn.Seq
     )
 
 
-class ASPPPooling(nn.Module):
-    """Image-level branch: global average pool, 1x1 conv, ReLU, broadcast.
+def _upsample(x: torch.Tensor, size) -> torch.Tensor:
+    # align_corners=True in every resize, as both references (ST++ and UniMatch
+    # model/semseg/deeplabv3plus.py).
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
 
-    No BatchNorm here: after pooling each channel has a single value per image, so
-    BatchNorm in train mode fails for batch size 1; the conv carries a bias instead.
-    """
+
+class ASPPPooling(nn.Module):
+    """Image-level branch: global average pool, 1x1 conv, BatchNorm, ReLU, broadcast, as
+    ST++'s and UniMatch's ASPPPooling. Its BatchNorm sees one value per channel and image, so
+    a training forward needs at least 2 images per BatchNorm (config validation ensures it)."""
 
     def __init__(self, cin: int, cout: int):
         super().__init__()
-        self.conv = nn.Conv2d(cin, cout, 1, bias=True)
+        self.conv = _conv_bn_relu(cin, cout, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.relu(self.conv(F.adaptive_avg_pool2d(x, 1)))
-        return y.expand(-1, -1, x.shape[-2], x.shape[-1])
+        return _upsample(self.conv(F.adaptive_avg_pool2d(x, 1)), x.shape[-2:])
 
 
 class ASPP(nn.Module):
-    """1x1 conv, three atrous 3x3 convs, image pooling; concat, project, dropout 0.5."""
+    """1x1 conv, three atrous 3x3 convs, image pooling; concat, 1x1 projection, then
+    `Dropout2d(dropout)` when dropout > 0."""
 
-    def __init__(self, cin: int, channels: int, rates: tuple[int, int, int]):
+    def __init__(self, cin: int, channels: int, rates: tuple[int, int, int], dropout: float = 0.0):
         super().__init__()
         branches = [_conv_bn_relu(cin, channels, 1)]
         branches += [_conv_bn_relu(cin, channels, 3, dilation=r) for r in rates]
         branches.append(ASPPPooling(cin, channels))
         self.branches = nn.ModuleList(branches)
-        self.project = nn.Sequential(_conv_bn_relu(len(branches) * channels, channels, 1), nn.Dropout(0.5))
+        project = [_conv_bn_relu(len(branches) * channels, channels, 1)]
+        if dropout > 0:
+            project.append(nn.Dropout2d(dropout))
+        self.project = nn.Sequential(*project)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.project(torch.cat([b(x) for b in self.branches], dim=1))
 
 
-class DeepLabV3Plus(nn.Module):
-    """DeepLabv3+ (Chen et al. 2018): ASPP on high-level features plus a low-level decoder."""
+# Dropout of each head as its reference builds it: (after the ASPP projection, nn.Dropout2d;
+# after the decoder's fuse convs, nn.Dropout). ST++ model/semseg/deeplabv3plus.py has
+# Dropout2d(0.5) and Dropout(0.1); UniMatch model/semseg/deeplabv3plus.py has none.
+# The parameters are the same in both: only training differs.
+HEAD_DROPOUT = {"stpp": (0.5, 0.1), "unimatch": (0.0, 0.0)}
+HEADS = tuple(HEAD_DROPOUT)
 
-    def __init__(self, backbone: nn.Module, num_classes: int, output_stride: int = 16, channels: int = 256):
+
+class DeepLabV3Plus(nn.Module):
+    """DeepLabv3+ (Chen et al. 2018): ASPP on high-level features plus a low-level decoder.
+
+    `head`: `stpp` or `unimatch`, the decoder as that reference builds it (HEAD_DROPOUT)."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, output_stride: int = 16, channels: int = 256,
+                 head: str = "stpp"):
         super().__init__()
-        rates = (6, 12, 18) if output_stride == 16 else (12, 24, 36)
+        if head not in HEAD_DROPOUT:
+            raise ValueError(f"unknown head {head!r}; choices: {', '.join(HEADS)}")
+        aspp_dropout, fuse_dropout = HEAD_DROPOUT[head]
+        self.head_name = head
         self.backbone = backbone
-        self.aspp = ASPP(backbone.high_channels, channels, rates)
+        self.aspp = ASPP(backbone.high_channels, channels, aspp_rates(output_stride), aspp_dropout)
         self.reduce = _conv_bn_relu(backbone.low_channels, 48, 1)
-        self.fuse = nn.Sequential(_conv_bn_relu(channels + 48, channels, 3), _conv_bn_relu(channels, channels, 3))
+        fuse = [_conv_bn_relu(48 + channels, channels, 3), _conv_bn_relu(channels, channels, 3)]
+        if fuse_dropout > 0:
+            fuse.append(nn.Dropout(fuse_dropout))
+        self.fuse = nn.Sequential(*fuse)
         self.classifier = nn.Conv2d(channels, num_classes, 1)
         _init_head([self.aspp, self.reduce, self.fuse, self.classifier])
 
@@ -279,9 +315,9 @@ class DeepLabV3Plus(nn.Module):
         return self._decode(low, high, x.shape[-2:])
 
     def _decode(self, low: torch.Tensor, high: torch.Tensor, size) -> torch.Tensor:
-        y = F.interpolate(self.aspp(high), size=low.shape[-2:], mode="bilinear", align_corners=False)
-        y = self.fuse(torch.cat([y, self.reduce(low)], dim=1))
-        return F.interpolate(self.classifier(y), size=size, mode="bilinear", align_corners=False)
+        y = _upsample(self.aspp(high), low.shape[-2:])
+        y = self.fuse(torch.cat([self.reduce(low), y], dim=1))  # low-level first, as the references
+        return _upsample(self.classifier(y), size)
 
 
 def _init_head(modules: list[nn.Module]) -> None:
@@ -307,14 +343,19 @@ def build_model(
     output_stride: int = 16,
     pretrained: str = "none",
     aspp_channels: int = 256,
+    head: str = "stpp",
 ) -> nn.Module:
-    """Segmentation model; forward(B x 3 x H x W) -> logits B x num_classes x H x W."""
+    """Segmentation model; forward(B x 3 x H x W) -> logits B x num_classes x H x W.
+
+    `head`: whose DeepLabv3+ head (`stpp` or `unimatch`, see HEAD_DROPOUT)."""
     if name not in _BUILDERS:
         raise ValueError(f"unknown model {name!r}; choices: {', '.join(MODELS)}")
     if num_classes < 1 or aspp_channels < 1:
         raise ValueError("num_classes and aspp_channels must be positive")
+    if head not in HEAD_DROPOUT:
+        raise ValueError(f"unknown head {head!r}; choices: {', '.join(HEADS)}")
     trunk = build_backbone(backbone, output_stride, pretrained)
-    return _BUILDERS[name](trunk, num_classes, output_stride=output_stride, channels=aspp_channels)
+    return _BUILDERS[name](trunk, num_classes, output_stride=output_stride, channels=aspp_channels, head=head)
 
 
 def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

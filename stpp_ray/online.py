@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 from .augment import cutmix_box, normalize, strong_augment, to_tv, weak_augment
 from .checkpoints import unwrap
 from .datasets import IGNORE_INDEX, read_image
-from .engine import global_sum, is_distributed, sample_seed
+from .engine import global_sum, is_distributed, sample_seed, split_key
 from .semi_losses import (confident_pseudo_labels, ema_update_, sigmoid_rampup, softmax_mse_sum,
                           u2pl_drop_unreliable, u2pl_unreliable_percent)
 
@@ -64,39 +64,44 @@ class UnlabeledSet(Dataset):
     `strong1`/`ignore1` (ST++'s strong augmentation, Cutout set to 255); UniMatch adds
     `strong1`, `strong2` (no Cutout) and CutMix boxes `box1`, `box2`; U2PL adds `box1`.
     UniMatch and U2PL also get a second random image's views under `mix_*` (CutMix partner).
+    Keys are `(epoch, index)` pairs or plain indices read at the epoch of `set_epoch`, as
+    `engine.TrainSet`'s. `base_size`: see `augment.RandomRescale`.
     """
 
-    def __init__(self, image_paths: Sequence[str], method: str, crop_size: int, seed: int, cutmix_prob: float = 0.5):
+    def __init__(self, image_paths: Sequence[str], method: str, crop_size: int, seed: int, cutmix_prob: float = 0.5,
+                 base_size: int = 0):
         if method not in ONLINE_METHODS:
             raise ValueError(f"unknown online method {method!r}; expected one of {ONLINE_METHODS}")
         self.paths = list(image_paths)
         self.method, self.crop, self.seed, self.cutmix_prob = method, crop_size, seed, cutmix_prob
         self.epoch = 0
-        self.weak = weak_augment(crop_size)
+        self.weak = weak_augment(crop_size, base_size=base_size)
         self.strong = strong_augment(crop_size, cutout=method == "mean_teacher")
 
     def set_epoch(self, epoch: int) -> None:
+        """The epoch of plain-index keys (in this process only)."""
         self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        out = self._views(index, _VIEW_STREAM)
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        epoch, index = split_key(key, self.epoch)
+        out = self._views(epoch, index, _VIEW_STREAM)
         if self.method in ("u2pl", "unimatch"):
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(sample_seed(self.seed, self.epoch, index, _PARTNER_STREAM))
+                torch.manual_seed(sample_seed(self.seed, epoch, index, _PARTNER_STREAM))
                 partner = int(torch.randint(0, len(self.paths), ()))
-            partner_views = self._views(partner, _PARTNER_STREAM, index)
+            partner_views = self._views(epoch, partner, _PARTNER_STREAM, index)
             out.update({f"mix_{k}": v for k, v in partner_views.items() if not k.startswith("box")})
         return out
 
-    def _views(self, index: int, *stream: int) -> dict[str, torch.Tensor]:
+    def _views(self, epoch: int, index: int, *stream: int) -> dict[str, torch.Tensor]:
         image_np = read_image(self.paths[index])
         blank = torch.zeros(image_np.shape[:2], dtype=torch.uint8).numpy()
         out: dict[str, torch.Tensor] = {}
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, self.epoch, index, *stream))
+            torch.manual_seed(sample_seed(self.seed, epoch, index, *stream))
             image, ignore = self.weak(*to_tv(image_np, blank))
             out["weak"], out["ignore"] = normalize(image.as_subclass(torch.Tensor)), ignore.as_subclass(torch.Tensor).long()
             if self.method == "mean_teacher":
@@ -192,7 +197,8 @@ def _teacher_logits(teacher: torch.nn.Module, image: torch.Tensor) -> torch.Tens
 
 def mean_teacher_step(ctx: StepContext, x: torch.Tensor, y: torch.Tensor, u: dict) -> list[Term]:
     """Supervised CE + ramped-up softmax squared error between student (strong view) and EMA
-    teacher (weak view), over the strong view's valid pixels."""
+    teacher (weak view), over the strong view's valid pixels. The labeled and unlabeled
+    batches may differ in size."""
     b = x.shape[0]
     ctx.model.train()
     logits = ctx.model(torch.cat([x, u["strong1"]]))
@@ -207,14 +213,14 @@ def u2pl_step(ctx: StepContext, x: torch.Tensor, y: torch.Tensor, u: dict) -> li
     argmax, the alpha_t % highest-entropy valid pixels of the global batch left out; U2PL's
     normalisation (kept-pixel mean times all pixels / kept pixels). The entropy is that of
     the teacher's eval-mode probabilities (U2PL's code takes it from a second, train-mode
-    teacher forward of the mixed images)."""
-    b = x.shape[0]
+    teacher forward of the mixed images). The labeled and unlabeled batches may differ in size."""
+    b, bu = x.shape[0], u["weak"].shape[0]
     ctx.model.train()
     if ctx.warmup:
         return [_ce_term("loss_x", ctx.model(x), y)]
     box = u["box1"]
-    both = _teacher_logits(ctx.ema, torch.cat([u["weak"], u["mix_weak"]])).softmax(1)
-    probs = torch.where(box.unsqueeze(1), both[b:], both[:b])
+    own, mix = _teacher_logits(ctx.ema, torch.cat([u["weak"], u["mix_weak"]])).softmax(1).split([bu, bu])
+    probs = torch.where(box.unsqueeze(1), mix, own)
     ignore = torch.where(box, u["mix_ignore"], u["ignore"])
     logits = ctx.model(torch.cat([x, torch.where(box.unsqueeze(1), u["mix_weak"], u["weak"])]))
     pseudo = probs.argmax(1).masked_fill(ignore == IGNORE_INDEX, IGNORE_INDEX)
@@ -228,21 +234,22 @@ def u2pl_step(ctx: StepContext, x: torch.Tensor, y: torch.Tensor, u: dict) -> li
 
 def unimatch_step(ctx: StepContext, x: torch.Tensor, y: torch.Tensor, u: dict) -> list[Term]:
     """UniMatch: (loss_x + 0.25 loss_s1 + 0.25 loss_s2 + 0.5 loss_fp) / 2, each unsupervised
-    term the CE over confident pixels divided by the valid pixels."""
-    b = x.shape[0]
+    term the CE over confident pixels divided by the valid pixels. The labeled and unlabeled
+    batches may differ in size."""
+    b, bu = x.shape[0], u["weak"].shape[0]
     model, threshold = ctx.model, ctx.cfg.confidence_threshold
     with torch.no_grad():
         model.eval()
         mix_probs = model(u["mix_weak"]).float().softmax(1)
     model.train()
     logits, logits_fp = model(torch.cat([x, u["weak"]]), feature_dropout=ctx.cfg.feature_dropout)
-    weak_probs = logits[b:].detach().float().softmax(1)
+    weak_probs = logits[b:].detach().float().softmax(1)  # UniMatch's unimatch.py: split([num_lb, num_ulb])
     terms = [_ce_term("loss_x", logits[:b], y, 0.5)]
     strong_in = []
     for v in (1, 2):
         box = u[f"box{v}"]
         strong_in.append(torch.where(box.unsqueeze(1), u[f"mix_strong{v}"], u[f"strong{v}"]))
-    strong_logits = model(torch.cat(strong_in)).split(b)
+    strong_logits = model(torch.cat(strong_in)).split([bu, bu])
     for v, s_logits in zip((1, 2), strong_logits):
         box = u[f"box{v}"]
         probs = torch.where(box.unsqueeze(1), mix_probs, weak_probs)
@@ -270,7 +277,9 @@ def ema_decay(step: int, decay: float) -> float:
 
 def cycle(loader, sampler, dataset, epoch: int) -> Iterator:
     """Endless labeled batches for one epoch: pass c over the labeled set is shuffled with
-    the seed of (epoch, c), so a resumed epoch repeats the same batches."""
+    the seed of (epoch, c), so a resumed epoch repeats the same batches. Augmentations are
+    seeded with the same number: a `with_epoch` sampler carries it to loader processes, the
+    dataset's `set_epoch` serves plain-index samplers."""
     c = 0
     while True:
         sampler.set_epoch(epoch * 10_000 + c)

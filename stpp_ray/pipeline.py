@@ -21,15 +21,15 @@ from typing import Callable
 
 from .checkpoints import architecture
 from .config import ONLINE_METHODS, Config
-from .datasets import Sample, build_samples, check_disjoint, check_samples, resolve_path
+from .datasets import Sample, build_samples, check_disjoint, check_samples, read_split, resolve_path
 from .demo_data import ensure_demo_dataset
 from .selection import select_reliable, selection_to_json
 
 TEACHER_KEYS = (
-    "data.layout", "data.root", "data.num_classes", "data.labeled_split", "data.val_split", "data.crop_size",
+    "data.layout", "data.root", "data.num_classes", "data.labeled_split", "data.val_split", "data.crop_size", "data.base_size",
     "data.demo", "data.demo_seed", "data.demo_num_train", "data.demo_num_val", "data.demo_image_size", "model", "train.epochs", "train.batch_size", "train.lr",
     "train.head_lr_multiplier", "train.momentum", "train.weight_decay", "train.poly_power",
-    "train.eval_interval", "train.amp", "train.sync_batchnorm", "run.seed",
+    "train.eval_interval", "train.amp", "train.sync_batchnorm", "eval", "run.seed",
 )
 LABEL_KEYS = ("data.unlabeled_split", "label.teacher", "label.tta", "label.tta_scales")
 SELECT_KEYS = ("selection.reliable_fraction", "selection.num_checkpoints")
@@ -37,7 +37,8 @@ ONLINE_KEYS = ("data.unlabeled_split", "semi.epochs", "semi.unlabeled_batch_size
                "semi.consistency_weight", "semi.rampup_fraction", "semi.unsup_weight", "semi.u2pl_alpha0",
                "semi.u2pl_warmup_epochs", "semi.confidence_threshold", "semi.feature_dropout", "semi.cutmix_prob",
                "train.student_epochs")
-DMT_KEYS = ("semi.dmt_gamma1", "semi.dmt_gamma2", "semi.dmt_phase_epochs", "train.student_epochs")
+DMT_KEYS = ("semi.dmt_gamma1", "semi.dmt_gamma2", "semi.dmt_phase_epochs", "semi.dmt_lr", "semi.dmt_head_lr_multiplier",
+            "semi.dmt_weight_decay", "train.student_epochs")
 # Stages that depend on neither R nor K: a sweep runs them once per distinct teacher config.
 SHARED_STAGES = ("check_data", "teacher", "label_teacher")
 
@@ -142,11 +143,24 @@ class Pipeline:
             ensure_demo_dataset(self.root, seed=cfg.data.demo_seed, num_train=cfg.data.demo_num_train,
                                 num_val=cfg.data.demo_num_val, image_size=cfg.data.demo_image_size)
         d = cfg.data
-        self.labeled = build_samples(d.layout, self.root, d.labeled_split, with_masks=True)
-        self.val = build_samples(d.layout, self.root, d.val_split, with_masks=True)
+
+        def samples(role: str, split: str, with_masks: bool) -> list[Sample]:
+            if d.max_images:
+                # data.max_images: the first N ids, written to the run directory so that only
+                # their files need to exist and the run records which images it used.
+                entries = read_split(self.root, split)[:d.max_images]
+                subset = self.run_dir / "subset_splits" / f"{role}.txt"
+                subset.parent.mkdir(parents=True, exist_ok=True)
+                subset.write_text(f"# the first {len(entries)} ids of {split} (data.max_images={d.max_images})\n"
+                                  + "".join(e + "\n" for e in entries))
+                split = str(subset)
+            return build_samples(d.layout, self.root, split, with_masks=with_masks)
+
+        self.labeled = samples("labeled", d.labeled_split, with_masks=True)
+        self.val = samples("val", d.val_split, with_masks=True)
         self.unlabeled: list[Sample] = []
         if cfg.method != "supervised":
-            self.unlabeled = build_samples(d.layout, self.root, d.unlabeled_split, with_masks=False)
+            self.unlabeled = samples("unlabeled", d.unlabeled_split, with_masks=False)
             check_disjoint([s.image_id for s in self.labeled], [s.image_id for s in self.unlabeled],
                            [s.image_id for s in self.val])
         if cfg.model.pretrained not in ("none", "imagenet"):
@@ -158,7 +172,8 @@ class Pipeline:
                              f"fewer than one global unlabeled batch ({cfg.unlabeled_batch_size()})")
         if len(self.labeled) < cfg.train.batch_size:
             raise ValueError(f"{resolve_path(self.root, d.labeled_split)}: {len(self.labeled)} labeled images "
-                             f"are fewer than one global batch (train.batch_size={cfg.train.batch_size})")
+                             f"are fewer than one global batch (train.batch_size={cfg.train.batch_size})"
+                             + (f" with data.max_images={d.max_images}" if d.max_images else ""))
 
     def data_stage(self) -> Stage:
         fp = chain(self.cfg.fingerprint("data"), "with_unlabeled" if self.unlabeled else "labeled_only")

@@ -29,11 +29,13 @@ def tta_settings(tta: bool) -> tuple[tuple[float, ...], bool]:
     return (TTA_SCALES, True) if tta else ((1.0,), False)
 
 
-def predict_mask(model: torch.nn.Module, image: np.ndarray, device: torch.device, *, tta: bool = False) -> np.ndarray:
-    """HxWx3 uint8 RGB image -> HxW uint8 class ids."""
+def predict_mask(model: torch.nn.Module, image: np.ndarray, device: torch.device, *, tta: bool = False,
+                 window: int = 0) -> np.ndarray:
+    """HxWx3 uint8 RGB image -> HxW uint8 class ids; `window` > 0: by sliding windows of that size
+    (as `eval.mode=sliding`)."""
     x = normalize(torch.from_numpy(image).permute(2, 0, 1).contiguous()).unsqueeze(0).to(device)
     scales, flip = tta_settings(tta)
-    probs = predict_probs(model, x, scales, flip)
+    probs = predict_probs(model, x, scales, flip, window=window)
     return probs.argmax(1)[0].to(torch.uint8).cpu().numpy()
 
 
@@ -63,10 +65,11 @@ def _check_inputs(images: Sequence[Path]) -> None:
             read_image(path)  # raises DatasetError naming the file
 
 
-def _predict_one(model, image_path: Path, stem: str, out_dir: Path, device: torch.device, tta: bool) -> dict:
+def _predict_one(model, image_path: Path, stem: str, out_dir: Path, device: torch.device, tta: bool,
+                 window: int) -> dict:
     start = time.perf_counter()
-    image = read_image(image_path)
-    mask = predict_mask(model, image, device, tta=tta)
+    image = read_image(image_path)  # any mode (gray, palette, RGBA, ...) as RGB; each image at its own size
+    mask = predict_mask(model, image, device, tta=tta, window=window)
     mask_path = save_palette_mask(mask, out_dir / f"{stem}_mask.png")
     overlay_path = out_dir / f"{stem}_overlay.png"
     Image.fromarray(overlay(image, mask)).save(overlay_path, format="PNG")
@@ -80,8 +83,9 @@ def _predict_one(model, image_path: Path, stem: str, out_dir: Path, device: torc
 
 
 def predict_images(checkpoint: str | Path, images: Sequence[str | Path], out_dir: str | Path, *,
-                   tta: bool = False, device: str = "cpu") -> list[dict]:
-    """Segment each image with the checkpoint's model; one result dict per image, in order."""
+                   tta: bool = False, device: str = "cpu", window: int = 0) -> list[dict]:
+    """Segment each image with the checkpoint's model; one result dict per image, in order.
+    `window` > 0: sliding-window inference with windows of that many pixels."""
     paths = [Path(p) for p in images]
     _check_inputs(paths)
     dev = torch.device(device)
@@ -89,4 +93,4 @@ def predict_images(checkpoint: str | Path, images: Sequence[str | Path], out_dir
     model = model.to(dev).eval()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    return [_predict_one(model, p, stem, out, dev, tta) for p, stem in zip(paths, _output_stems(paths))]
+    return [_predict_one(model, p, stem, out, dev, tta, window) for p, stem in zip(paths, _output_stems(paths))]

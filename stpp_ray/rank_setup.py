@@ -15,7 +15,7 @@ import torch
 from .config import Config
 from .datasets import Sample
 from .checkpoints import read_weights
-from .engine import EvalSet, GlobalBatchSampler, TrainItem, TrainSet, build_optimizer, poly_scheduler
+from .engine import EvalSet, GlobalBatchSampler, TrainItem, TrainSet, build_optimizer, collate_pairs, poly_scheduler
 from .models import build_model, convert_batchnorm_for_distributed, split_parameters
 from .online import EMA_METHODS, UnlabeledSet
 
@@ -39,6 +39,14 @@ class RankTraining:
         return len(self.unlabeled_sampler if self.unlabeled_sampler is not None else self.sampler)
 
 
+def optimizer_settings(cfg: Config, dmt_phase: bool = False) -> tuple[float, float, float, float]:
+    """(lr, head lr multiplier, momentum, weight decay) of a stage's SGD: `train.*`, or in DMT's
+    phases (the stages that train on pseudo-label confidences) DMT's recipe `semi.dmt_*`."""
+    if dmt_phase:
+        return cfg.semi.dmt_lr, cfg.semi.dmt_head_lr_multiplier, cfg.train.momentum, cfg.semi.dmt_weight_decay
+    return cfg.train.lr, cfg.train.head_lr_multiplier, cfg.train.momentum, cfg.train.weight_decay
+
+
 def setup_rank(cfg: Config, items: Sequence[TrainItem], val_samples: Sequence[Sample], epochs: int,
                rank: int = 0, world: int = 1, device: torch.device = torch.device("cpu"),
                unlabeled_paths: Sequence[str] = (), init_weights: str = "",
@@ -52,7 +60,7 @@ def setup_rank(cfg: Config, items: Sequence[TrainItem], val_samples: Sequence[Sa
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     model = build_model(cfg.model.name, cfg.model.backbone, cfg.data.num_classes,
                         output_stride=cfg.model.output_stride, pretrained=cfg.model.pretrained,
-                        aspp_channels=cfg.model.aspp_channels)
+                        aspp_channels=cfg.model.aspp_channels, head=cfg.model.resolved_head())
     if init_weights:
         model.load_state_dict(read_weights(init_weights)["model"])
     backbone_params, head_params = split_parameters(model)
@@ -65,20 +73,32 @@ def setup_rank(cfg: Config, items: Sequence[TrainItem], val_samples: Sequence[Sa
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    train_set = TrainSet(items, cfg.data.layout, cfg.data.crop_size, cfg.run.seed, with_confidence=with_confidence)
-    sampler = GlobalBatchSampler(len(train_set), cfg.train.batch_size, rank, world, cfg.run.seed)
-    loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.train.loader_workers,
-                                         pin_memory=device.type == "cuda", persistent_workers=cfg.train.loader_workers > 0)
+    base_size = cfg.data.scale_base_size()
+    train_set = TrainSet(items, cfg.data.layout, cfg.data.crop_size, cfg.run.seed, with_confidence=with_confidence,
+                         base_size=base_size)
+    sampler = GlobalBatchSampler(len(train_set), cfg.train.batch_size, rank, world, cfg.run.seed, with_epoch=True)
+    loader = _train_loader(train_set, sampler, cfg, device)
     val_loader = torch.utils.data.DataLoader(EvalSet(list(val_samples)[rank::world], cfg.data.layout),
-                                             batch_size=cfg.train.eval_batch_size)
-    optimizer = build_optimizer(backbone_params, head_params, cfg.train.lr, cfg.train.head_lr_multiplier,
-                                cfg.train.momentum, cfg.train.weight_decay)
+                                             batch_size=cfg.train.eval_batch_size, collate_fn=collate_pairs)
+    optimizer = build_optimizer(backbone_params, head_params, *optimizer_settings(cfg, dmt_phase=with_confidence))
     setup = RankTraining(model, train_set, sampler, loader, val_loader, optimizer, scheduler=None, ema=ema)
     if unlabeled_paths:
-        setup.unlabeled_set = UnlabeledSet(unlabeled_paths, cfg.method, cfg.data.crop_size, cfg.run.seed, cfg.semi.cutmix_prob)
-        setup.unlabeled_sampler = GlobalBatchSampler(len(unlabeled_paths), cfg.unlabeled_batch_size(), rank, world, cfg.run.seed)
-        setup.unlabeled_loader = torch.utils.data.DataLoader(
-            setup.unlabeled_set, batch_sampler=setup.unlabeled_sampler, num_workers=cfg.train.loader_workers,
-            pin_memory=device.type == "cuda", persistent_workers=cfg.train.loader_workers > 0)
+        setup.unlabeled_set = UnlabeledSet(unlabeled_paths, cfg.method, cfg.data.crop_size, cfg.run.seed,
+                                           cfg.semi.cutmix_prob, base_size=base_size)
+        setup.unlabeled_sampler = GlobalBatchSampler(len(unlabeled_paths), cfg.unlabeled_batch_size(), rank, world,
+                                                     cfg.run.seed, with_epoch=True)
+        setup.unlabeled_loader = _train_loader(setup.unlabeled_set, setup.unlabeled_sampler, cfg, device)
     setup.scheduler = poly_scheduler(optimizer, epochs * setup.steps_per_epoch(), cfg.train.poly_power)
     return setup
+
+
+def _train_loader(dataset, sampler: GlobalBatchSampler, cfg: Config, device: torch.device) -> torch.utils.data.DataLoader:
+    """A training loader that gives the same batches with any `train.loader_workers`: the
+    sampler passes each index with its epoch (worker processes keep their own dataset copies)
+    and the loader's own generator draws its worker base seed, which a DataLoader otherwise
+    takes from the global RNG at each in-process pass but only once with persistent workers,
+    shifting the model's dropout masks."""
+    workers = cfg.train.loader_workers
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
+                                       pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                                       generator=torch.Generator().manual_seed(cfg.run.seed))

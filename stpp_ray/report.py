@@ -110,16 +110,40 @@ def _pictures(cfg: Config, results: dict, run_dir: Path, names: list[str], final
     return made
 
 
+def eval_summary(cfg: Config) -> dict:
+    """How the validation mIoU figures were measured (`eval.mode`, window and stride in pixels)."""
+    options = cfg.eval.options(cfg.data.crop_size)
+    summary = {"mode": options["mode"]}
+    if options["mode"] == "sliding":
+        from .engine import window_stride  # torch is imported only where a summary needs it
+        summary.update(window=options["window"], stride=window_stride(options["window"]))
+    elif options["mode"] == "center_crop":
+        summary["window"] = options["window"]
+    return summary
+
+
+def describe_eval(summary: dict) -> str:
+    """One line for people: how the mIoU was measured."""
+    if summary["mode"] == "sliding":
+        return f"sliding-window inference over the full image ({summary['window']} px windows, stride {summary['stride']})"
+    if summary["mode"] == "center_crop":
+        return f"inference on the central {summary['window']} x {summary['window']} crop of each image only"
+    return "one forward pass over each full image"
+
+
 def write_report(cfg: Config, run_dir: Path, results: dict, timeline: list[dict], partial: bool,
                  image_paths: dict[str, str] | None = None) -> dict:
     """Write report.json and report.md (pictures only once the run is complete)."""
     final_name = final_stage(cfg)
     names = class_names(cfg)
+    evaluation = eval_summary(cfg)
     report = {
         "method": cfg.method,
         "status": "partial" if partial else "complete",
-        "teacher": {"stage": teacher_stage(cfg), **_model_summary(results.get(teacher_stage(cfg)))},
-        "final": {"stage": final_name, **_model_summary(results.get(final_name))},
+        "eval": evaluation,
+        "teacher": {"stage": teacher_stage(cfg), **_model_summary(results.get(teacher_stage(cfg))),
+                    "eval_mode": evaluation["mode"]},
+        "final": {"stage": final_name, **_model_summary(results.get(final_name)), "eval_mode": evaluation["mode"]},
         "stages": timeline,
         "total_wall_s": sum(s.get("wall_s") or 0.0 for s in timeline if not s.get("reused")),
         "class_names": names,
@@ -145,6 +169,7 @@ def render_markdown(report: dict) -> str:
     who = "SupOnly" if report["teacher"].get("stage", "teacher") == "teacher" else "the online method's teacher"
     lines += [f"- teacher ({who}) val mIoU: **{_pct(report['teacher'].get('miou'))}**",
               f"- final model ({report['final']['stage']}) val mIoU: **{_pct(report['final'].get('miou'))}**",
+              f"- validation mIoU measured by {describe_eval(report['eval'])}",
               f"- compute wall time this invocation: {report['total_wall_s']:.1f} s", ""]
     lines += ["## Stages", "", "| stage | wall s | val mIoU | images/s | reused |", "|---|---|---|---|---|"]
     for s in report["stages"]:

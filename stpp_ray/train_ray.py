@@ -50,9 +50,17 @@ class StageSpec:
     init_weights: str = ""                      # DMT phases: the weights to fine-tune
 
 
+SMALL_LABELED_SET = 200
+
+
 def build_train_items(spec: StageSpec) -> list[TrainItem]:
-    """Labeled items repeated to balance the pseudo-labeled ones (as ST++), then pseudo items."""
+    """Labeled items, then pseudo-labeled ones, as LiheYoung/ST-PlusPlus main.py and
+    dataset/semi.py: a supervised stage (no pseudo-labels, no unlabeled stream: the teachers)
+    lists a labeled set of fewer than `SMALL_LABELED_SET` images twice; a student repeats the
+    labeled set ceil(|pseudo| / |L|) times to balance its pseudo-labeled images."""
     labeled = [TrainItem(i, img, mask) for i, img, mask in spec.labeled]
+    if not spec.pseudo and not spec.unlabeled and len(labeled) < SMALL_LABELED_SET:
+        return labeled * 2
     pseudo: list[TrainItem] = []
     for source in spec.pseudo:
         if not source["image_paths"]:
@@ -168,11 +176,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
         record.update({k: v for k, v in stats.items() if k.startswith("loss_")})
         if _should_eval(epoch, epochs, cfg.train.eval_interval):
             eval_start = time.perf_counter()
-            cm = evaluate(kept, setup.val_loader, cfg.data.num_classes, device)
+            eval_options = cfg.eval.options(cfg.data.crop_size)
+            cm = evaluate(kept, setup.val_loader, cfg.data.num_classes, device, **eval_options)
             record["val_miou"] = cm.miou()
             record["val_iou"] = [None if v != v else float(v) for v in cm.iou()]
             if setup.ema is not None:
-                record["student_val_miou"] = evaluate(model, setup.val_loader, cfg.data.num_classes, device).miou()
+                record["student_val_miou"] = evaluate(model, setup.val_loader, cfg.data.num_classes, device, **eval_options).miou()
             record["eval_seconds"] = time.perf_counter() - eval_start
         metrics = {k: v for k, v in record.items() if k != "val_iou"}
         if rank == 0:

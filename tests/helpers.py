@@ -14,8 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 
-from stpp_ray.checkpoints import save_weights
-from stpp_ray.models import build_model
+from stpp_ray.checkpoints import build_from_architecture, save_weights
 
 
 def write_checkpoints(directory: Path, epochs: Sequence[int], arch: dict,
@@ -25,8 +24,7 @@ def write_checkpoints(directory: Path, epochs: Sequence[int], arch: dict,
     paths = []
     for epoch in epochs:
         torch.manual_seed(epoch)
-        model = build_model(arch["name"], arch["backbone"], arch["num_classes"],
-                            output_stride=arch["output_stride"], aspp_channels=arch["aspp_channels"])
+        model = build_from_architecture(arch)
         if perturb is not None:
             with torch.no_grad():
                 perturb(model)

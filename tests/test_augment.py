@@ -13,7 +13,9 @@ from stpp_ray.augment import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Cutout,
+    RandomRescale,
     blur_kernel_size,
+    cutmix_box,
     normalize,
     strong_augment,
     to_tv,
@@ -119,6 +121,57 @@ def test_rescale_is_relative_to_own_size(ratio):
     assert (out_mask != IGNORE).sum() == round(12 * ratio) * round(20 * ratio)
 
 
+def _rescaled_size(height, width, base_size, scale_range=(1.0, 1.0)):
+    image, mask = position_pair(height, width)
+    out_image, out_mask = RandomRescale(scale_range, base_size)(image, mask)
+    assert out_image.shape[1:] == out_mask.shape
+    return tuple(out_mask.shape)
+
+
+def test_rescale_long_side_follows_the_base_size():
+    """ST++ dataset/transform.py `resize`: long side = randint(int(0.5 B), int(2 B)), the
+    other side int(side * long / long_side + 0.5), whatever the image's own size."""
+    assert _rescaled_size(30, 40, 400, (0.5, 0.5)) == (150, 200)  # 30 * 200 / 40 = 150
+    assert _rescaled_size(40, 30, 400, (2.0, 2.0)) == (800, 600)  # portrait: the height is the long side
+    assert _rescaled_size(12, 12, 25, (2.0, 2.0)) == (50, 50)
+    assert _rescaled_size(13, 20, 10) == (7, 10)  # 6.5 rounds half up (Python's round gives 6)
+    assert _rescaled_size(13, 20, 0, (0.5, 0.5)) == (7, 10)  # 0: the image's own long side, 20
+    assert _rescaled_size(20, 13, 0, (2.0, 2.0)) == (40, 26)
+
+
+def test_rescale_long_side_is_a_uniform_integer_with_both_ends():
+    torch.manual_seed(0)
+    longs = [max(_rescaled_size(6, 9, 10, (0.5, 2.0))) for _ in range(400)]
+    assert set(longs) == set(range(5, 21))  # int(0.5 * 10) .. int(2.0 * 10), both included
+    own = [max(_rescaled_size(6, 9, 0, (0.5, 2.0))) for _ in range(300)]
+    assert set(own) == set(range(4, 19))  # int(0.5 * 9) .. 18
+
+
+def test_base_size_defaults_per_layout():
+    from stpp_ray.config import DataConfig
+
+    assert DataConfig().scale_base_size() == 400  # voc: ST++ dataset/semi.py
+    assert DataConfig(layout="cityscapes").scale_base_size() == 2048
+    assert DataConfig(layout="folder").scale_base_size() == 0
+    assert DataConfig(demo=True).scale_base_size() == 0  # the small generated images are no Pascal photos
+    assert DataConfig(base_size=0).scale_base_size() == 0 and DataConfig(layout="folder", base_size=512).scale_base_size() == 512
+    with pytest.raises(ValueError):
+        DataConfig(base_size=-1)
+
+
+def test_setup_rank_gives_every_training_set_the_base_size(tmp_path):
+    from stpp_ray.config import load_config
+    from stpp_ray.engine import TrainItem
+    from stpp_ray.rank_setup import setup_rank
+
+    for extra, expected in [([], 400), (["data.base_size=96"], 96), (["data.layout=folder"], 0)]:
+        cfg = load_config(None, ["model.backbone=tiny", "model.aspp_channels=8", "train.batch_size=2",
+                                 "method=unimatch", *extra])
+        setup = setup_rank(cfg, [TrainItem("a", "a.png", "a.png")] * 2, [], 1, unlabeled_paths=["u.png"] * 2)
+        for dataset in (setup.train_set, setup.unlabeled_set):
+            assert dataset.weak.transforms[0].base_size == expected, (extra, type(dataset).__name__)
+
+
 def test_padding_gives_image_zero_and_mask_ignore():
     image, mask = position_pair(height=6, width=10)
     for seed in range(5):
@@ -130,6 +183,19 @@ def test_padding_gives_image_zero_and_mask_ignore():
         assert (out_image[:, ~padded] > 0).all()
         ys, xs = source_positions(out_image)
         np.testing.assert_array_equal(out_mask[~padded].numpy(), mask[ys[~padded], xs[~padded]].numpy())
+
+
+def test_small_images_are_padded_right_and_bottom_as_the_reference():
+    # ST++'s crop pads only right/bottom, so a small image keeps its top-left corner
+    # (up to the horizontal flip); v2's pad_if_needed would centre it at random.
+    image, mask = position_pair(height=6, width=10)
+    for seed in range(8):
+        torch.manual_seed(seed)
+        _, out_mask = weak_augment(16, scale_range=(1.0, 1.0))(image, mask)
+        kept = (out_mask != IGNORE).nonzero()
+        rows, cols = kept[:, 0], kept[:, 1]
+        assert rows.min() == 0 and rows.max() == 5
+        assert (cols.min(), cols.max()) in ((0, 9), (6, 15))
 
 
 @pytest.mark.parametrize("size", [(6, 10), (40, 50), (100, 20)])
@@ -178,6 +244,78 @@ def test_cutout_mask_ignore_exactly_where_image_erased():
         changed = (out_image != image).any(dim=0)
         assert changed[erased].float().mean() > 0.95
         assert len(out_image[:, erased].unique()) > 10  # random values, not a constant fill
+
+
+def _reference_box(rng, height, width, redraw_area=True):
+    """The references' rejection loops in numpy, an independent oracle: LiheYoung/ST-PlusPlus
+    dataset/transform.py `cutout` (size and place redrawn together) and, without
+    `redraw_area`, LiheYoung/UniMatch dataset/transform.py `obtain_cutmix_box` (size once)."""
+    size = rng.uniform(0.02, 0.4) * height * width
+    while True:
+        if redraw_area:
+            size = rng.uniform(0.02, 0.4) * height * width
+        ratio = rng.uniform(0.3, 1 / 0.3)
+        w, h = int(np.sqrt(size / ratio)), int(np.sqrt(size * ratio))
+        x, y = rng.integers(0, width), rng.integers(0, height)
+        if x + w <= width and y + h <= height:
+            return h, w
+
+
+def _old_box(rng, height, width):
+    """The former law (area and aspect redrawn until the box fits, then placed): not the references'."""
+    while True:
+        size = rng.uniform(0.02, 0.4) * height * width
+        ratio = rng.uniform(0.3, 1 / 0.3)
+        w, h = int(np.sqrt(size / ratio)), int(np.sqrt(size * ratio))
+        if h <= height and w <= width:
+            return h, w
+
+
+def _box_stats(boxes, height, width):
+    boxes = np.array(boxes, dtype=float)
+    area = (boxes[:, 0] * boxes[:, 1]).mean() / (height * width)
+    sides = boxes[(boxes > 0).all(axis=1)]
+    return area, np.abs(np.log(sides[:, 0] / sides[:, 1])).mean()
+
+
+def test_cutout_box_law_is_the_st_plus_plus_reference():
+    """Mean box area: about 14% of the crop under the reference's loop (the former code drew
+    about 20%); values uniform in 0..254 as uint8(uniform(0, 255))."""
+    side, n, tol = 32, 3000, 0.008
+    rng = np.random.default_rng(0)
+    reference, _ = _box_stats([_reference_box(rng, side, side) for _ in range(20000)], side, side)
+    former, _ = _box_stats([_old_box(rng, side, side) for _ in range(20000)], side, side)
+    assert abs(reference - 0.14) < 0.01 and abs(former - reference) > 5 * tol and abs(0.20 - reference) > 5 * tol
+    image, mask = to_tv(np.full((side, side, 3), 77, np.uint8), np.zeros((side, side), np.uint8))
+    cutout, boxes, top = Cutout(p=1.0), [], 0
+    torch.manual_seed(0)
+    for _ in range(n):
+        out_image, out_mask = cutout(image, mask)
+        erased = out_mask == IGNORE
+        boxes.append((int(erased.any(dim=1).sum()), int(erased.any(dim=0).sum())))
+        top = max(top, int(out_image.max()))
+    area, _ = _box_stats(boxes, side, side)
+    assert abs(area - reference) < tol, f"mean Cutout area {area:.4f}, reference {reference:.4f}"
+    assert top == 254
+
+
+def test_cutmix_box_law_is_unimatchs():
+    """UniMatch draws the area once and redraws aspect and place: near-square boxes are favoured
+    (mean |log(h/w)| about 0.60 at 32 px against 0.68 when the fit ignored the place)."""
+    side, n, tol = 32, 3000, 0.03
+    rng = np.random.default_rng(1)
+    ref_area, ref_aspect = _box_stats([_reference_box(rng, side, side, redraw_area=False) for _ in range(20000)], side, side)
+    _, old_aspect = _box_stats([_old_box(rng, side, side) for _ in range(20000)], side, side)
+    assert abs(old_aspect - ref_aspect) > 2 * tol
+    torch.manual_seed(0)
+    boxes = []
+    for _ in range(n):
+        box = cutmix_box(side, p=1.0)
+        boxes.append((int(box.any(dim=1).sum()), int(box.any(dim=0).sum())))
+        assert int(box.sum()) == boxes[-1][0] * boxes[-1][1]  # one rectangle
+    area, aspect = _box_stats(boxes, side, side)
+    assert abs(area - ref_area) < 0.008, f"mean CutMix area {area:.4f}, reference {ref_area:.4f}"
+    assert abs(aspect - ref_aspect) < tol, f"mean |log aspect| {aspect:.4f}, reference {ref_aspect:.4f}"
 
 
 def test_cutout_probability():

@@ -68,6 +68,13 @@ def test_bad_override_syntax():
         load_config(None, ["train.epochs"])
 
 
+def test_max_images_defaults_to_every_image_and_refuses_negatives():
+    assert load_config(None).data.max_images == 0
+    assert load_config(None, ["data.max_images=16"]).data.max_images == 16
+    with pytest.raises(ConfigError, match="data.max_images"):
+        load_config(None, ["data.max_images=-1"])
+
+
 def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
@@ -102,3 +109,57 @@ def test_every_field_is_documented():
 def test_readme_configuration_reference_is_in_sync():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert reference_markdown() in readme, "README is stale: paste the output of python -c 'from stpp_ray.config import reference_markdown as r; print(r())'"
+
+
+RECIPE_JOBS = [p for p in JOBS if p.name.startswith(("voc_", "cityscapes_"))]
+
+
+@pytest.mark.parametrize("path", RECIPE_JOBS, ids=[p.name for p in RECIPE_JOBS])
+def test_shipped_recipes_use_st_plus_plus_output_stride(path):
+    """ST++'s code: ResNet with replace_stride_with_dilation=[False, True, True] (stride 8)
+    and ASPP rates (12, 24, 36) (LiheYoung/ST-PlusPlus model/backbone/resnet.py, deeplabv3plus.py)."""
+    cfg = load_config(path)
+    assert cfg.method == "stpp" and cfg.model.output_stride == 8
+    assert "output stride 8 with ASPP rates (12, 24, 36)" in path.read_text()
+
+
+@pytest.mark.parametrize("overrides, refused", [
+    (["train.batch_size=1"], True),
+    (["train.batch_size=2", "ray.num_workers=2", "train.sync_batchnorm=false"], True),
+    (["train.batch_size=2", "ray.num_workers=2"], False),  # synchronised BN: 2 images per BatchNorm
+    (["method=u2pl", "train.batch_size=1"], True),  # its warm-up epochs train on the labeled batch alone
+    (["method=u2pl", "train.batch_size=1", "semi.u2pl_warmup_epochs=0"], False),
+    (["method=unimatch", "train.batch_size=1"], False),  # labeled and unlabeled images share each forward
+    (["method=mean_teacher", "train.batch_size=1"], False),
+])
+def test_one_image_per_batchnorm_is_refused_where_it_occurs(overrides, refused):
+    base = ["train.epochs=4", "selection.num_checkpoints=2"]
+    if not refused:
+        load_config(None, base + overrides)
+        return
+    with pytest.raises(ConfigError, match="needs at least 2 images per BatchNorm") as err:
+        load_config(None, base + overrides)
+    assert len(str(err.value).splitlines()) == 2, "one message"
+
+
+def test_model_head_auto_follows_the_method():
+    from stpp_ray.checkpoints import architecture
+
+    assert load_config(None, []).model.resolved_head() == "stpp"
+    assert load_config(None, ["method=unimatch"]).model.resolved_head() == "unimatch"
+    assert load_config(None, ["method=unimatch", "model.head=stpp"]).model.resolved_head() == "stpp"
+    assert load_config(None, ["method=dmt", "model.head=unimatch"]).model.resolved_head() == "unimatch"
+    cfg = load_config(None, [])
+    cfg.method = "unimatch"  # validated assignment re-resolves
+    assert architecture(cfg.model, 3)["head"] == "unimatch"
+    assert Config.model_validate(cfg.model_dump()).model.resolved_head() == "unimatch"
+    assert cfg.model_copy(deep=True).model.resolved_head() == "unimatch"
+
+
+def test_dmt_defaults_are_dmt_recipe():
+    """voldemortX/DST-CBC segmentation/dmt-voc-20-1.sh (ep=4, lr=0.001) and main.py
+    (--weight-decay 0.0005, one learning rate for backbone and classifier)."""
+    cfg = load_config(None, ["method=dmt"])
+    assert (cfg.semi.dmt_phase_epochs, cfg.semi.dmt_lr, cfg.semi.dmt_head_lr_multiplier,
+            cfg.semi.dmt_weight_decay) == (4, 0.001, 1.0, 5e-4)
+    assert cfg.stage_epochs("dmt_a1") == 4 and cfg.stage_epochs("teacher") == cfg.train.epochs

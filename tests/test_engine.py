@@ -1,6 +1,6 @@
 """Engine: global-batch sharding and exact 1-worker == 2-worker training steps."""
 
-
+import numpy as np
 import pytest
 import torch
 
@@ -56,7 +56,7 @@ def _one_step(world: int, rank: int) -> dict:
     torch.manual_seed(0)
     model = build_model("deeplabv3plus", "tiny", 3, output_stride=8, aspp_channels=16)
     for m in model.modules():  # dropout masks are drawn per worker: equal in law, not bitwise
-        if isinstance(m, torch.nn.Dropout):
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd):
             m.p = 0.0
     backbone, head = split_parameters(model)
     if world > 1:
@@ -96,3 +96,56 @@ def test_augmentation_depends_only_on_seed_epoch_and_index(tmp_path):
     a.set_epoch(1)
     assert not torch.equal(a[0][0], b[0][0])
     assert torch.equal(torch.get_rng_state(), before), "loading a sample must leave the global RNG alone"
+
+
+def test_train_items_double_a_small_labeled_set_for_the_teacher_only(tmp_path):
+    """LiheYoung/ST-PlusPlus main.py: the SupOnly teacher trains on L twice when |L| < 200;
+    dataset/semi.py: a student on L x ceil(|U'| / |L|) + U' (U' its pseudo-labeled images)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from stpp_ray.datasets import encode_mask_png
+    from stpp_ray.pseudo import SCHEMA
+    from stpp_ray.train_ray import StageSpec, build_train_items
+
+    def spec(n, **kw):
+        rows = [[f"l{i}", f"l{i}.jpg", f"l{i}.png"] for i in range(n)]
+        return StageSpec("teacher", str(tmp_path), "fp", labeled=rows, val=[], **kw)
+
+    assert [it.image_id for it in build_train_items(spec(3))] == ["l0", "l1", "l2"] * 2
+    assert len(build_train_items(spec(92))) == 184 and len(build_train_items(spec(199))) == 398
+    assert len(build_train_items(spec(200))) == 200 and len(build_train_items(spec(1464))) == 1464
+    # The online methods' labeled stream cycles alongside the unlabeled one: not doubled.
+    assert len(build_train_items(spec(92, unlabeled=["u.jpg"]))) == 92
+
+    ids = [f"u{i}" for i in range(10)]
+    mask = encode_mask_png(np.zeros((4, 4), np.uint8))
+    pq.write_table(pa.Table.from_pylist([{"image_id": i, "mask_png": mask} for i in ids], schema=SCHEMA),
+                   tmp_path / "part-0.parquet")
+    source = {"parquet_dir": str(tmp_path), "image_paths": {i: f"{i}.jpg" for i in ids}}
+    student = build_train_items(spec(3, pseudo=[source]))
+    assert [it.image_id for it in student[:12]] == ["l0", "l1", "l2"] * 4  # ceil(10 / 3), not doubled first
+    assert [it.image_id for it in student[12:]] == ids and all(it.strong for it in student[12:])
+
+
+def test_sampler_can_pass_the_epoch_with_each_index(tmp_path):
+    """`with_epoch`: the same batches as (epoch, index) pairs; TrainSet reads such a key at its epoch."""
+    from stpp_ray.datasets import encode_mask_png
+    from stpp_ray.engine import TrainItem, TrainSet
+    from tests.helpers import write_random_images
+
+    plain, tagged = GlobalBatchSampler(12, 4, 1, 2, seed=3), GlobalBatchSampler(12, 4, 1, 2, seed=3, with_epoch=True)
+    for s in (plain, tagged):
+        s.set_epoch(5)
+    assert [[(5, i) for i in batch] for batch in plain] == list(tagged)
+    it = iter(tagged)
+    tagged.set_epoch(6)  # an iteration already begun keeps its epoch
+    assert next(it)[0][0] == 5
+
+    (_, path), = write_random_images(tmp_path, ["a.png"], (20, 20), seed=0)
+    mask = encode_mask_png(np.zeros((20, 20), np.uint8))
+    items = [TrainItem("a", path, mask_png=mask, strong=True)]
+    copy, main = TrainSet(items, "voc", 16, seed=1), TrainSet(items, "voc", 16, seed=1)
+    main.set_epoch(3)
+    assert all(torch.equal(a, b) for a, b in zip(copy[(3, 0)], main[0]))
+    assert not torch.equal(copy[(4, 0)][0], copy[(3, 0)][0])

@@ -79,3 +79,29 @@ def test_checkpoint_of_another_class_count_is_refused(checkpoints):
     wrong = dict(ARCH, num_classes=21)
     with pytest.raises(CheckpointError, match="num_classes"):
         Labeler(checkpoints, checkpoints[-1], expect_arch=wrong)
+
+
+@pytest.fixture(scope="module")
+def mixed_images(tmp_path_factory):
+    """Landscape, portrait, square, a gray (mode L) and a palette (mode P) image in one batch."""
+    root = tmp_path_factory.mktemp("mixed")
+    rows = write_random_images(root, ["land.png", "port.png", "sq.png", "land2.png"],
+                               [(24, 40), (40, 24), (32, 32), (24, 40)], seed=1)
+    rng = np.random.default_rng(2)
+    Image.fromarray(rng.integers(0, 255, (36, 28), dtype=np.uint8), mode="L").save(root / "gray.png")
+    Image.fromarray(rng.integers(0, 255, (28, 36, 3), dtype=np.uint8)).convert("P").save(root / "pal.png")
+    return rows[:2] + [("gray", str(root / "gray.png"))] + rows[2:] + [("pal", str(root / "pal.png"))]
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_a_batch_of_mixed_sizes_and_modes_equals_labeling_one_by_one(checkpoints, mixed_images, tta):
+    labeler = Labeler(checkpoints, checkpoints[-1], tta=tta, tta_scales=[0.5, 1.0, 1.5], num_threads=1)
+    together = labeler(batch_of(mixed_images))
+    assert together["image_id"] == [r[0] for r in mixed_images]
+    for i, row in enumerate(mixed_images):
+        alone = labeler(batch_of([row]))
+        for key in ("mask_png", "height", "width", "ckpt_miou", "stability"):
+            assert together[key][i] == alone[key][0], (row[0], key)
+        assert together["confidence"][i] == pytest.approx(alone["confidence"][0], rel=1e-6)
+        h, w = np.asarray(Image.open(row[1])).shape[:2]
+        assert decode_mask_png(together["mask_png"][i]).shape == (h, w)

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from torch import nn
 from torchvision import models as tvm
 
@@ -46,11 +47,17 @@ def test_output_shape_large_backbones(backbone, output_stride):
     assert out.shape == (1, 5, 32, 32)
 
 
-def test_non_divisible_input_and_batch_size_one_in_train_mode():
+def test_non_divisible_input_and_batch_size_one():
     model = build_model("deeplabv3plus", "resnet18", 3, aspp_channels=16).train()
-    out = model(torch.randn(1, 3, 50, 70))
-    assert out.shape == (1, 3, 50, 70)
+    out = model(torch.randn(2, 3, 50, 70))
+    assert out.shape == (2, 3, 50, 70)
     out.sum().backward()
+    # The ASPP pooling branch's BatchNorm (as both references) needs 2+ images in training
+    # (the config refuses runs where it would see one); inference takes single images.
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        model(torch.randn(1, 3, 50, 70))
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 3, 50, 70)).shape == (1, 3, 50, 70)
 
 
 def test_unknown_names_raise():
@@ -234,3 +241,89 @@ def test_convert_batchnorm_for_distributed():
     assert isinstance(sync[1], nn.SyncBatchNorm)
     with pytest.raises(ValueError, match="device_type"):
         convert_batchnorm_for_distributed(model, "tpu")
+
+
+# ----------------------------------------------------------------------- reference heads
+
+
+def _atrous_dilations(model) -> list[int]:
+    return [b[0].dilation[0] for b in model.aspp.branches if isinstance(b, nn.Sequential) and b[0].kernel_size == (3, 3)]
+
+
+@pytest.mark.parametrize("backbone", ["tiny", "resnet18"])
+def test_aspp_rates_follow_the_output_stride(backbone):
+    """ST++: stride 8 with rates (12, 24, 36); UniMatch's configs: stride 16 with (6, 12, 18)."""
+    for output_stride, rates in ((8, [12, 24, 36]), (16, [6, 12, 18])):
+        model = build_model("deeplabv3plus", backbone, 3, output_stride=output_stride, aspp_channels=8)
+        assert _atrous_dilations(model) == rates
+        assert [b[0].padding[0] for b in model.aspp.branches[1:4]] == rates  # same size out
+        assert model.backbone(torch.randn(1, 3, 32, 32))[1].shape[-1] == 32 // output_stride
+
+
+def _dropouts(module) -> list[tuple[str, float]]:
+    return [(type(m).__name__, m.p) for m in module.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+
+
+def test_heads_are_built_as_their_references():
+    """LiheYoung/ST-PlusPlus model/semseg/deeplabv3plus.py: BatchNorm in the pooling branch,
+    Dropout2d(0.5) after the ASPP projection, Dropout(0.1) after the fuse convs.
+    LiheYoung/UniMatch model/semseg/deeplabv3plus.py: the same without any dropout."""
+    stpp = build_model("deeplabv3plus", "tiny", 3, aspp_channels=8, head="stpp")
+    unimatch = build_model("deeplabv3plus", "tiny", 3, aspp_channels=8, head="unimatch")
+    for model in (stpp, unimatch):
+        pooling = model.aspp.branches[-1]
+        assert [type(m) for m in pooling.conv] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU]
+        assert pooling.conv[0].bias is None
+    assert _dropouts(stpp.aspp) == [("Dropout2d", 0.5)] and isinstance(stpp.aspp.project[-1], nn.Dropout2d)
+    assert _dropouts(stpp.fuse) == [("Dropout", 0.1)] and isinstance(stpp.fuse[-1], nn.Dropout)
+    assert _dropouts(stpp) == [("Dropout2d", 0.5), ("Dropout", 0.1)]
+    assert _dropouts(unimatch) == []
+    # Same parameters: the heads differ only in training.
+    assert {k: v.shape for k, v in stpp.state_dict().items()} == {k: v.shape for k, v in unimatch.state_dict().items()}
+    with pytest.raises(ValueError, match="unknown head"):
+        build_model("deeplabv3plus", "tiny", 3, head="pspnet")
+
+
+def test_every_resize_aligns_corners():
+    """Both references resize with align_corners=True: the ASPP output to the low-level size
+    and the logits to the input size."""
+    torch.manual_seed(0)
+    model = build_model("deeplabv3plus", "tiny", 3, output_stride=16, aspp_channels=8).eval()
+    seen = {}
+    model.aspp.register_forward_hook(lambda m, i, o: seen.update(aspp=o))
+    model.fuse.register_forward_hook(lambda m, i, o: seen.update(fuse_in=i[0]))
+    model.classifier.register_forward_hook(lambda m, i, o: seen.update(logits=o))
+    x = torch.randn(2, 3, 37, 45)
+    with torch.no_grad():
+        out = model(x)
+        low_size = seen["fuse_in"].shape[-2:]
+        for align, check in ((True, torch.testing.assert_close), (False, None)):
+            up = F.interpolate(seen["aspp"], size=low_size, mode="bilinear", align_corners=align)
+            final = F.interpolate(seen["logits"], size=x.shape[-2:], mode="bilinear", align_corners=align)
+            if check:
+                check(seen["fuse_in"][:, 48:], up)  # decoder input: [low-level 48, ASPP]
+                check(out, final)
+            else:
+                assert not torch.allclose(seen["fuse_in"][:, 48:], up) and not torch.allclose(out, final)
+
+
+def test_weight_file_records_and_rebuilds_the_head(tmp_path):
+    from stpp_ray.checkpoints import CheckpointError, architecture, load_model, save_weights
+    from stpp_ray.config import load_config
+
+    cfg = load_config(None, ["method=unimatch", "model.backbone=tiny", "model.aspp_channels=8", "model.output_stride=8"])
+    arch = architecture(cfg.model, 3)
+    assert arch["head"] == "unimatch"
+    torch.manual_seed(0)
+    model = build_model("deeplabv3plus", "tiny", 3, output_stride=8, aspp_channels=8, head="unimatch")
+    save_weights(tmp_path / "w.pt", model, arch)
+    loaded, blob = load_model(tmp_path / "w.pt", expect_arch=arch)
+    assert blob["arch"]["head"] == "unimatch" and loaded.head_name == "unimatch" and _dropouts(loaded) == []
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    with pytest.raises(CheckpointError, match="head: file has 'unimatch', config wants 'stpp'"):
+        load_model(tmp_path / "w.pt", expect_arch={**arch, "head": "stpp"})
+    # A record without the key (written before it existed) means ST++'s head.
+    old = {k: v for k, v in arch.items() if k != "head"}
+    save_weights(tmp_path / "old.pt", build_model("deeplabv3plus", "tiny", 3, output_stride=8, aspp_channels=8), old)
+    assert load_model(tmp_path / "old.pt", expect_arch=old)[0].head_name == "stpp"

@@ -48,6 +48,18 @@ def test_unlabeled_views_per_method_are_seeded_and_mark_padding(tmp_path):
     assert ((mt["ignore"] == 255) <= (mt["ignore1"] == 255)).all(), "the strong view keeps the padding ignored"
 
 
+@pytest.mark.parametrize("method", ["mean_teacher", "u2pl", "unimatch"])
+def test_unlabeled_keys_carry_their_epoch(tmp_path, method):
+    """An (epoch, index) key gives the views a plain index gives after set_epoch(epoch), so a
+    DataLoader process's copy (which never sees set_epoch) augments each epoch anew."""
+    paths = _images(tmp_path, 4, (20, 20))
+    copy, main = UnlabeledSet(paths, method, 16, seed=3), UnlabeledSet(paths, method, 16, seed=3)
+    main.set_epoch(7)
+    tagged, plain = copy[(7, 2)], main[2]
+    assert all(torch.equal(tagged[k], plain[k]) for k in plain), method
+    assert not torch.equal(copy[(8, 2)]["weak"], tagged["weak"]), method
+
+
 def test_cutmix_boxes():
     torch.manual_seed(0)
     assert not cutmix_box(16, p=0.0).any() and not half_box(16, p=0.0).any()
@@ -134,15 +146,41 @@ def test_online_step_trains_the_student_only(method):
     assert math.isfinite(float(loss.detach())) and float(loss.detach()) > 0
 
 
-def _ddp_online_steps(world: int, rank: int, method: str) -> dict:
+_HEAD = {"mean_teacher": "stpp", "u2pl": "stpp", "unimatch": "unimatch"}  # model.head=auto
+
+
+@pytest.mark.parametrize("method", ["mean_teacher", "u2pl", "unimatch"])
+@pytest.mark.parametrize("labeled,unlabeled", [(2, 3), (3, 2)])
+def test_online_step_with_unequal_labeled_and_unlabeled_batches(method, labeled, unlabeled):
+    torch.manual_seed(0)
+    model = build_model("deeplabv3plus", "tiny", 3, output_stride=8, aspp_channels=8, head=_HEAD[method])
+    ema = build_model("deeplabv3plus", "tiny", 3, output_stride=8, aspp_channels=8).requires_grad_(False)
+    x, y, _ = _batch(labeled)
+    _, _, u = _batch(unlabeled, seed=1)
+    ctx = StepContext(model, ema, 0.5, 1, 2, False, _semi(confidence_threshold=0.0))
+    terms = STEPS[method](ctx, x, y, u)
+    loss, _ = combine(terms, world=1)
+    loss.backward()
+    assert math.isfinite(float(loss.detach()))
+    assert int(terms[0].count) == int((y != 255).sum()), "the supervised term covers the labeled batch"
+    valid_u = u["ignore1" if method == "mean_teacher" else "ignore"] != 255
+    if method == "unimatch":
+        assert int(terms[-1].count) == int(valid_u.sum()), "loss_fp over the whole unlabeled batch"
+    elif method == "mean_teacher":
+        assert int(terms[1].count) == int(valid_u.sum()), "the consistency term over the unlabeled batch"
+    else:
+        assert int(terms[1].pixels) == valid_u.numel(), "U2PL's pixels: the whole unlabeled batch"
+
+
+def _ddp_online_steps(world: int, rank: int, method: str, unlabeled: int = 4) -> dict:
     from stpp_ray.engine import build_optimizer, poly_scheduler
     from stpp_ray.models import split_parameters
     from stpp_ray.online import train_online_epoch
 
     torch.manual_seed(0)
-    model = build_model("deeplabv3plus", "tiny", 3, output_stride=8, aspp_channels=8)
+    model = build_model("deeplabv3plus", "tiny", 3, output_stride=8, aspp_channels=8, head=_HEAD[method])
     for m in model.modules():  # dropout masks are drawn per worker: equal in law, not bitwise
-        if isinstance(m, torch.nn.Dropout):
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd):
             m.p = 0.0
     backbone, head = split_parameters(model)
     if world > 1:
@@ -155,11 +193,12 @@ def _ddp_online_steps(world: int, rank: int, method: str) -> dict:
         model = torch.nn.parallel.DistributedDataParallel(model)
     opt = build_optimizer(backbone, head, lr=0.05, head_lr_multiplier=10, momentum=0.9, weight_decay=1e-4)
     sched = poly_scheduler(opt, 10, 0.9)
-    x, y, u = _batch()
-    per = x.shape[0] // world
-    part = slice(rank * per, (rank + 1) * per)
+    x, y, _ = _batch()
+    _, _, u = _batch(unlabeled, seed=1)
+    part = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+    upart = slice(rank * unlabeled // world, (rank + 1) * unlabeled // world)
     labeled = iter([(x[part], y[part])] * 3)
-    unlabeled = [{k: v[part] for k, v in u.items()}] * 3
+    unlabeled = [{k: v[upart] for k, v in u.items()}] * 3
     cfg = _semi(confidence_threshold=0.3, feature_dropout=0.0, rampup_fraction=0.5)
     stats = train_online_epoch(method, model, ema, labeled, unlabeled, opt, sched, torch.device("cpu"), cfg,
                                epoch=1, epochs=2, steps_done=0, total_steps=6, warmup_steps=1)
@@ -167,12 +206,14 @@ def _ddp_online_steps(world: int, rank: int, method: str) -> dict:
     return {"loss": stats["loss"], "state": {k: v.clone() for k, v in kept.state_dict().items()}}
 
 
-@pytest.mark.parametrize("method", ["mean_teacher", "u2pl", "unimatch"])
-def test_online_methods_take_the_same_steps_on_two_workers_as_on_one(tmp_path, method):
+@pytest.mark.parametrize("method,unlabeled", [("mean_teacher", 4), ("u2pl", 4), ("unimatch", 4),
+                                              ("u2pl", 2), ("unimatch", 2)])
+def test_online_methods_take_the_same_steps_on_two_workers_as_on_one(tmp_path, method, unlabeled):
     """Global counts, the pooled U2PL percentile and synchronised BN: 2 x 2 images == 1 x 4
-    (students and EMA teachers alike; feature dropout off, its masks differ per worker)."""
-    single = _ddp_online_steps(1, 0, method)
-    two = run_on_gloo_workers(_ddp_online_steps, 2, tmp_path / "two.pt", method)
+    (students and EMA teachers alike; feature dropout off, its masks differ per worker), also
+    with an unlabeled batch of another size."""
+    single = _ddp_online_steps(1, 0, method, unlabeled)
+    two = run_on_gloo_workers(_ddp_online_steps, 2, tmp_path / "two.pt", method, unlabeled)
     assert two["loss"] == pytest.approx(single["loss"], rel=1e-4)
     assert_states_close(two["state"], single["state"])
 
@@ -249,13 +290,34 @@ def test_a_stage_can_start_from_saved_weights(tmp_path):
     from stpp_ray.rank_setup import setup_rank
 
     cfg = Config.model_validate({"model": {"backbone": "tiny", "output_stride": 8, "aspp_channels": 8},
-                                 "data": {"num_classes": 3, "crop_size": 16}, "train": {"batch_size": 1}})
+                                 "data": {"num_classes": 3, "crop_size": 16}, "train": {"batch_size": 2}})
     torch.manual_seed(123)
     source = build_model("deeplabv3plus", "tiny", 3, output_stride=8, aspp_channels=8)
     save_weights(tmp_path / "w.pt", source, architecture(cfg.model, 3))
-    items = [TrainItem("a", "unused.png", "unused.png")]
+    items = [TrainItem("a", "unused.png", "unused.png")] * 2
     fresh = setup_rank(cfg, items, [], epochs=1).model
     tuned = setup_rank(cfg, items, [], epochs=1, init_weights=str(tmp_path / "w.pt")).model
     for key, value in source.state_dict().items():
         assert torch.equal(tuned.state_dict()[key], value), key
     assert any(not torch.equal(fresh.state_dict()[k], v) for k, v in source.state_dict().items())
+
+
+def test_dmt_phases_use_dmt_optimizer_recipe(tmp_path):
+    """DMT's phases fine-tune with DMT's SGD (voldemortX/DST-CBC segmentation/dmt-voc-20-1.sh,
+    main.py): lr 0.001 on every group, weight decay 5e-4; its teachers keep `train.*`."""
+    from stpp_ray.checkpoints import architecture, save_weights
+    from stpp_ray.config import Config
+    from stpp_ray.rank_setup import setup_rank
+
+    cfg = Config.model_validate({"method": "dmt", "model": {"backbone": "tiny", "output_stride": 8, "aspp_channels": 8},
+                                 "data": {"num_classes": 3, "crop_size": 16}, "train": {"batch_size": 2, "lr": 0.02}})
+    assert cfg.stage_epochs("dmt_a1") == 4
+    save_weights(tmp_path / "w.pt", build_model("deeplabv3plus", "tiny", 3, output_stride=8, aspp_channels=8),
+                 architecture(cfg.model, 3))
+    items = [TrainItem("a", "unused.png", "unused.png")] * 2
+    phase = setup_rank(cfg, items, [], epochs=1, init_weights=str(tmp_path / "w.pt"), with_confidence=True)
+    groups = phase.optimizer.param_groups
+    assert len(groups) == 2 and sum(len(g["params"]) for g in groups) == len(list(phase.model.parameters()))
+    assert [(g["lr"], g["initial_lr"], g["weight_decay"], g["momentum"]) for g in groups] == [(0.001, 0.001, 5e-4, 0.9)] * 2
+    teacher = setup_rank(cfg, items, [], epochs=1).optimizer.param_groups
+    assert [(g["lr"], g["weight_decay"]) for g in teacher] == [(0.02, 1e-4), (0.2, 1e-4)]

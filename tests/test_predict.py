@@ -15,7 +15,7 @@ from stpp_ray.datasets import DatasetError, read_image
 from stpp_ray.engine import predict_probs
 from stpp_ray.models import build_model
 from stpp_ray.plots import VOC_COLORS
-from stpp_ray.predict import predict_images
+from stpp_ray.predict import predict_images, predict_mask
 
 ARCH = {"name": "deeplabv3plus", "backbone": "mobilenet_v3_large", "output_stride": 16,
         "aspp_channels": 16, "num_classes": 3}
@@ -93,3 +93,35 @@ def test_unreadable_image_raises_dataset_error(checkpoint, tmp_path):
     bad.write_bytes(b"not an image at all")
     with pytest.raises(DatasetError, match="bad.png"):
         predict_images(checkpoint, [bad], tmp_path / "out")
+
+
+@pytest.mark.parametrize("options,names", [({}, None), ({"window": 20}, None),
+                                           ({"tta": True}, ("port.jpg", "gray.png", "la.png"))])
+def test_predict_on_mixed_sizes_and_modes(checkpoint, tmp_path, options, names):
+    """Landscape and portrait, gray (L), palette (P), RGBA and gray+alpha (LA) inputs in one call:
+    one mask per image at its own size, each equal to predicting its RGB conversion alone."""
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, (24, 36, 3), dtype=np.uint8)
+    inputs = {
+        "land.png": Image.fromarray(rgb),
+        "port.jpg": Image.fromarray(np.ascontiguousarray(rgb.transpose(1, 0, 2))),
+        "gray.png": Image.fromarray(rgb[..., 0]),
+        "pal.png": Image.fromarray(rgb).convert("P"),
+        "rgba.png": Image.fromarray(np.dstack([rgb, rng.integers(0, 256, (24, 36), dtype=np.uint8)])),
+        "la.png": Image.fromarray(rgb[:20, :21]).convert("LA"),
+    }
+    inputs = {k: v for k, v in inputs.items() if names is None or k in names}
+    paths = []
+    for name, img in inputs.items():
+        paths.append(tmp_path / "in" / name)
+        paths[-1].parent.mkdir(exist_ok=True)
+        img.save(paths[-1])
+    rows = predict_images(checkpoint, paths, tmp_path / "out", **options)
+    model, _ = load_model(checkpoint)
+    for path, row, img in zip(paths, rows, inputs.values()):
+        expected = predict_mask(model.eval(), np.array(Image.open(path).convert("RGB")), torch.device("cpu"), **options)
+        with Image.open(row["mask"]) as m:
+            assert m.mode == "P" and m.size == img.size, path.name
+            np.testing.assert_array_equal(np.asarray(m), expected)
+        with Image.open(row["overlay"]) as o:
+            assert o.mode == "RGB" and o.size == img.size
