@@ -126,7 +126,7 @@ def _cmd_splits(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from .predict import predict_images
 
-    rows = predict_images(args.checkpoint, args.images, args.out, tta=args.tta, device=args.device)
+    rows = predict_images(args.checkpoint, args.images, args.out, tta=args.tta, device=args.device, window=args.window)
     for row in rows:
         print(f"{row['image']} -> {row['mask']}, {row['overlay']}")
     return 0
@@ -170,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--tta", action="store_true", help="multi-scale + flip test-time augmentation")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--window", type=int, default=0,
+                   help="sliding-window inference with square windows of this many pixels (0 = whole image)")
     p.add_argument("images", nargs="+", help="image files")
     p.set_defaults(func=_cmd_predict)
 

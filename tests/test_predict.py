@@ -125,3 +125,17 @@ def test_predict_on_mixed_sizes_and_modes(checkpoint, tmp_path, options, names):
             np.testing.assert_array_equal(np.asarray(m), expected)
         with Image.open(row["overlay"]) as o:
             assert o.mode == "RGB" and o.size == img.size
+
+
+def test_cli_window_flag_gives_the_sliding_window_prediction(checkpoint, images, tmp_path):
+    from stpp_ray.cli import main
+
+    assert main(["predict", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "cli"), "--window", "20",
+                 *map(str, images)]) == 0
+    expected = predict_images(checkpoint, images, tmp_path / "api", window=20)
+    whole = predict_images(checkpoint, images, tmp_path / "whole")
+    for name, ref in zip(["a", "b"], expected):
+        got = np.asarray(Image.open(tmp_path / "cli" / f"{name}_mask.png"))
+        assert np.array_equal(got, np.asarray(Image.open(ref["mask"])))
+    assert any(not np.array_equal(np.asarray(Image.open(r["mask"])), np.asarray(Image.open(f["mask"])))
+               for r, f in zip(expected, whole)), "windows of 20 px should change some prediction"
