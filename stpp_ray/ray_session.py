@@ -22,6 +22,9 @@ def init_ray(cfg: Config, extra_cpus: int = 0) -> None:
         ray.init(address=address, log_to_driver=True)
         return
     ray.init(
+        # "local": a new instance even when another Ray runs on this machine (ray.init()
+        # would join that one, and then refuse num_cpus).
+        address="local",
         num_cpus=(cfg.ray.local_num_cpus or os.cpu_count()) + extra_cpus,
         include_dashboard=True,  # hosts the state API that Ray Train and Tune query
         dashboard_host="127.0.0.1",
