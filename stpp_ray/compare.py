@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .config import METHODS, ONLINE_METHODS, Config, config_from_dict
 from .datasets import read_split
+from .engine import supervised_repeats
 
 METHOD_LABELS = {"supervised": "SupOnly (teacher)", "st": "ST", "stpp": "ST++", "mean_teacher": "Mean Teacher",
                  "u2pl": "U2PL (no contrastive term)", "dmt": "DMT", "unimatch": "UniMatch",
@@ -34,10 +35,12 @@ def _variant(cfg: Config, source: str, **changes) -> Config:
 
 
 def oracle_epochs(cfg: Config, root: Path, oracle_split: str) -> int:
-    """Epochs giving the oracle as many optimisation steps as the teacher."""
-    labeled = len(read_split(root, cfg.data.labeled_split))
-    full = len(read_split(root, oracle_split))
-    return max(1, round(cfg.train.epochs * labeled / full))
+    """Epochs giving the oracle as many optimisation steps as the teacher (each lists its
+    labeled set `supervised_repeats` times per epoch)."""
+    cap = cfg.data.max_images or math.inf
+    labeled, full = (min(len(read_split(root, split)), cap) for split in (cfg.data.labeled_split, oracle_split))
+    per_epoch = labeled * supervised_repeats(labeled), full * supervised_repeats(full)
+    return max(1, round(cfg.train.epochs * per_epoch[0] / per_epoch[1]))
 
 
 def _total_wall(report: dict) -> float:

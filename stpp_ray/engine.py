@@ -56,6 +56,15 @@ def split_key(key: int | tuple[int, int], default_epoch: int) -> tuple[int, int]
     return default_epoch, int(key)
 
 
+SMALL_LABELED_SET = 200
+
+
+def supervised_repeats(num_labeled: int) -> int:
+    """How often a supervised stage lists its labeled set per epoch: twice below
+    `SMALL_LABELED_SET` images, as LiheYoung/ST-PlusPlus main.py (SupOnly mode)."""
+    return 2 if num_labeled < SMALL_LABELED_SET else 1
+
+
 NO_CONFIDENCE = 255  # confidence-map value of pixels whose label is not a pseudo-label
 
 

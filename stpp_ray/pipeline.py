@@ -26,7 +26,7 @@ from .demo_data import ensure_demo_dataset
 from .selection import select_reliable, selection_to_json
 
 TEACHER_KEYS = (
-    "data.layout", "data.root", "data.num_classes", "data.labeled_split", "data.val_split", "data.crop_size", "data.base_size",
+    "data.layout", "data.root", "data.num_classes", "data.labeled_split", "data.val_split", "data.crop_size", "data.base_size", "data.max_images",
     "data.demo", "data.demo_seed", "data.demo_num_train", "data.demo_num_val", "data.demo_image_size", "model", "train.epochs", "train.batch_size", "train.lr",
     "train.head_lr_multiplier", "train.momentum", "train.weight_decay", "train.poly_power",
     "train.eval_interval", "train.amp", "train.sync_batchnorm", "eval", "run.seed",

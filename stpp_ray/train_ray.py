@@ -25,7 +25,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from .checkpoints import architecture, save_weights, unwrap
 from .config import Config
 from .datasets import Sample
-from .engine import TrainItem, evaluate, sample_seed, train_one_epoch
+from .engine import TrainItem, evaluate, sample_seed, supervised_repeats, train_one_epoch
 from .rank_setup import setup_rank
 from .online import ONLINE_METHODS, cycle, train_online_epoch
 from .pseudo import read_curriculum_items, read_pseudo_items
@@ -50,17 +50,14 @@ class StageSpec:
     init_weights: str = ""                      # DMT phases: the weights to fine-tune
 
 
-SMALL_LABELED_SET = 200
-
-
 def build_train_items(spec: StageSpec) -> list[TrainItem]:
     """Labeled items, then pseudo-labeled ones, as LiheYoung/ST-PlusPlus main.py and
     dataset/semi.py: a supervised stage (no pseudo-labels, no unlabeled stream: the teachers)
-    lists a labeled set of fewer than `SMALL_LABELED_SET` images twice; a student repeats the
+    lists a small labeled set twice (`supervised_repeats`); a student repeats the
     labeled set ceil(|pseudo| / |L|) times to balance its pseudo-labeled images."""
     labeled = [TrainItem(i, img, mask) for i, img, mask in spec.labeled]
-    if not spec.pseudo and not spec.unlabeled and len(labeled) < SMALL_LABELED_SET:
-        return labeled * 2
+    if not spec.pseudo and not spec.unlabeled:
+        return labeled * supervised_repeats(len(labeled))
     pseudo: list[TrainItem] = []
     for source in spec.pseudo:
         if not source["image_paths"]:

@@ -23,4 +23,15 @@ def test_oracle_gets_as_many_steps_as_the_teacher(tmp_path):
     (tmp_path / "l.txt").write_text("\n".join(f"a{i}" for i in range(32)))
     (tmp_path / "f.txt").write_text("\n".join(f"a{i}" for i in range(512)))
     cfg = load_config(None, ["data.labeled_split=l.txt", "train.epochs=100"])
-    assert oracle_epochs(cfg, tmp_path, "f.txt") == 6  # 100 * 32 / 512 = 6.25
+    # The teacher lists its 32 images twice (ST++ below 200), the oracle its 512 once:
+    # 100 epochs x 64 = 6400 images = 12.5 oracle epochs.
+    assert oracle_epochs(cfg, tmp_path, "f.txt") == round(100 * 64 / 512)
+    (tmp_path / "f.txt").write_text("\n".join(f"a{i}" for i in range(150)))
+    assert oracle_epochs(cfg, tmp_path, "f.txt") == round(100 * 64 / 300)  # both lists doubled
+
+
+def test_oracle_epochs_count_only_the_images_a_subset_keeps(tmp_path):
+    (tmp_path / "l.txt").write_text("\n".join(f"a{i}" for i in range(300)))
+    (tmp_path / "f.txt").write_text("\n".join(f"a{i}" for i in range(900)))
+    cfg = load_config(None, ["data.labeled_split=l.txt", "train.epochs=80", "data.max_images=16"])
+    assert oracle_epochs(cfg, tmp_path, "f.txt") == 80  # both lists cut to 16 images

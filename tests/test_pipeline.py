@@ -20,6 +20,45 @@ def parquet_ids(directory):
     return ids
 
 
+def test_max_images_uses_the_first_ids_of_each_split_and_needs_only_their_files(tmp_path):
+    """A VOC data set whose split lists name 30 ids each, of which only the first 16 have files."""
+    from stpp_ray.config import load_config
+    from stpp_ray.datasets import DatasetError
+
+    from layout_data import write_image, write_mask
+
+    root = tmp_path / "voc"
+    lists = {role: [f"200{year}_{i:06d}" for i in range(30)] for year, role in enumerate(("labeled", "unlabeled", "val"))}
+    for role, ids in lists.items():
+        (root / "lists").mkdir(parents=True, exist_ok=True)
+        (root / "lists" / f"{role}.txt").write_text("\n".join(ids) + "\n")
+        for image_id in ids[:16]:
+            write_image("voc", root, image_id)
+            if role != "unlabeled":
+                write_mask("voc", root, image_id, 21)
+    base = ["data.layout=voc", f"data.root={root}", "data.labeled_split=lists/labeled.txt",
+            "data.unlabeled_split=lists/unlabeled.txt", "data.val_split=lists/val.txt", "train.batch_size=16",
+            f"run.output_dir={tmp_path / 'run'}"]
+    pipeline = Pipeline(load_config(None, base + ["data.max_images=16"]))
+    pipeline.prepare_data()
+    for role, samples in (("labeled", pipeline.labeled), ("unlabeled", pipeline.unlabeled), ("val", pipeline.val)):
+        assert [s.image_id for s in samples] == lists[role][:16], role
+        assert read_split(root, tmp_path / "run" / "subset_splits" / f"{role}.txt") == lists[role][:16]
+    with pytest.raises(DatasetError, match="missing image file"):
+        Pipeline(load_config(None, base)).prepare_data()  # every id of the lists
+    with pytest.raises(ValueError, match="8 labeled images are fewer than one global batch.*data.max_images=8"):
+        Pipeline(load_config(None, base + ["data.max_images=8"])).prepare_data()
+
+
+def test_a_changed_max_images_retrains_the_teacher_and_everything_after_it():
+    from stpp_ray.config import load_config
+    from stpp_ray.pipeline import shared_fingerprint, teacher_fingerprint
+
+    a, b = (load_config(None, [f"data.max_images={n}"]) for n in (16, 32))
+    assert teacher_fingerprint(a) != teacher_fingerprint(b)
+    assert shared_fingerprint(a) != shared_fingerprint(b)  # the labeling pass chains from the teacher's
+
+
 @pytest.fixture(scope="module")
 def interrupted_then_resumed(ray_local, smoke_data, tmp_path_factory):
     """An ST++ run killed in student1 (no restarts allowed), then rerun with the same config."""
