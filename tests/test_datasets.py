@@ -145,26 +145,19 @@ CITY_IMAGE = f"leftImg8bit/{CITY_ID}_leftImg8bit.png"
 CITY_VALUES = np.kron(np.array([[7, 8], [0, 26]], dtype=np.uint8), np.ones((4, 4), dtype=np.uint8))
 
 
-def test_cityscapes_two_column_label_train_ids_are_not_remapped(tmp_path):
-    # The UniMatch form: splits/cityscapes/*.txt (LiheYoung/UniMatch), masks already train ids.
-    mask = f"gtFine/{CITY_ID}_gtFine_labelTrainIds.png"
+@pytest.mark.parametrize("suffix,expected", [
+    ("labelTrainIds", CITY_VALUES),  # UniMatch's form (LiheYoung/UniMatch splits/cityscapes): already train ids
+    ("labelIds", np.kron(np.array([[0, 1], [255, 13]], dtype=np.uint8), np.ones((4, 4), dtype=np.uint8))),
+])
+def test_cityscapes_two_column_masks_are_remapped_only_when_label_ids(tmp_path, suffix, expected):
+    mask = f"gtFine/{CITY_ID}_gtFine_{suffix}.png"
     write_image(tmp_path / CITY_IMAGE)
     write_mask(tmp_path / mask, CITY_VALUES)
     write_split(tmp_path / "s.txt", [f"{CITY_IMAGE} {mask}"])
     (sample,) = build_samples("cityscapes", tmp_path, "s.txt", with_masks=True)
     assert sample == Sample(CITY_ID, tmp_path / CITY_IMAGE, tmp_path / mask)
-    np.testing.assert_array_equal(read_mask(sample.mask_path, "cityscapes"), CITY_VALUES)
-    check_samples([sample], num_classes=27, layout="cityscapes")
-
-
-def test_cityscapes_two_column_label_ids_are_remapped(tmp_path):
-    mask = f"gtFine/{CITY_ID}_gtFine_labelIds.png"
-    write_image(tmp_path / CITY_IMAGE)
-    write_mask(tmp_path / mask, CITY_VALUES)
-    write_split(tmp_path / "s.txt", [f"{CITY_IMAGE} {mask}"])
-    (sample,) = build_samples("cityscapes", tmp_path, "s.txt", with_masks=True)
-    expected = np.kron(np.array([[0, 1], [255, 13]], dtype=np.uint8), np.ones((4, 4), dtype=np.uint8))
     np.testing.assert_array_equal(read_mask(sample.mask_path, "cityscapes"), expected)
+    check_samples([sample], num_classes=27, layout="cityscapes")
 
 
 def test_cityscapes_id_falls_back_to_label_train_ids(tmp_path):
