@@ -16,7 +16,7 @@ from scipy.stats import spearmanr
 
 from stpp_ray.datasets import decode_mask_png, read_mask
 from stpp_ray.metrics import ConfusionMatrix
-from stpp_ray.pseudo import read_table
+from stpp_ray.pseudo_labels import read_table
 from stpp_ray.stability import image_miou
 
 

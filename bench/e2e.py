@@ -1,6 +1,6 @@
 """End to end: wall time per stage of a demo ST++ run and how much of it is not compute.
 
-Training stages report their own breakdown (`stpp_ray.train_ray.summarize_stage`): compute
+Training stages report their own breakdown (`stpp_ray.cluster.train.summarize_stage`): compute
 is what the epoch loop measured (training + validation), Ray's start-up and teardown come
 from the epochs' start times against `fit()`'s wall, the rest is checkpoint reports and
 the stage's file writes. Labeling stages: compute is the bare single-process loop redoing
@@ -19,7 +19,7 @@ from .labeling import bare_loop
 
 def run_demo(cfg: Config, threads: int, scratch: Path) -> dict:
     """Run the pipeline of `cfg` from scratch; per-stage wall, compute and the rest."""
-    from stpp_ray.pipeline import Pipeline
+    from stpp_ray.runs.pipeline import Pipeline
 
     run_dir = Path(cfg.run.output_dir)
     shutil.rmtree(run_dir, ignore_errors=True)

@@ -23,17 +23,17 @@ import torch
 from PIL import Image
 
 from stpp_ray.augment import normalize
-from stpp_ray.checkpoints import load_model
+from stpp_ray.weights import load_model
 from stpp_ray.config import Config
 from stpp_ray.datasets import read_image
 from stpp_ray.labeling import Labeler
-from stpp_ray.pseudo import SCHEMA
+from stpp_ray.pseudo_labels import SCHEMA
 from stpp_ray.stability import checkpoint_ious
 
 
 def ray_pass(cfg: Config, images: Sequence[tuple[str, str]], checkpoints: Sequence[str], out_dir: Path) -> float:
     """Seconds of one `run_labeling` call (actor start-up included)."""
-    from stpp_ray.label_ray import run_labeling
+    from stpp_ray.cluster.label import run_labeling
 
     shutil.rmtree(out_dir, ignore_errors=True)
     return run_labeling(cfg, images, checkpoints, checkpoints[-1], out_dir)["wall_s"]

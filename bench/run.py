@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"machine": info, "command": "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:]),
                      "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
-    from stpp_ray.ray_session import init_ray
+    from stpp_ray.cluster.session import init_ray
     t0 = time.perf_counter()
     init_ray(cfg)
     results["ray_init_s"] = time.perf_counter() - t0

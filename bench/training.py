@@ -1,8 +1,8 @@
 """Training throughput: Ray Train (1 and 2 workers) against a bare single-process loop on
 the same model, data and global batch; and the fixed cost of a Ray Train run.
 
-Both sides build everything through `stpp_ray.rank_setup.setup_rank` and train with
-`stpp_ray.engine.train_one_epoch`; images/s is measured inside the epoch loop. The Ray
+Both sides build everything through `stpp_ray.stage_setup.setup_rank` and train with
+`stpp_ray.training.train_one_epoch`; images/s is measured inside the epoch loop. The Ray
 side's start-up is the time from calling `TorchTrainer.fit()` to its first epoch starting,
 its teardown the time from the end of the last epoch's work to `fit()` returning.
 """
@@ -18,8 +18,8 @@ import torch
 
 from stpp_ray.config import Config
 from stpp_ray.datasets import build_samples
-from stpp_ray.engine import TrainItem, train_one_epoch
-from stpp_ray.rank_setup import setup_rank
+from stpp_ray.training import TrainItem, train_one_epoch
+from stpp_ray.stage_setup import setup_rank
 
 TRAIN_SPLIT = "ImageSets/Segmentation/full/labeled.txt"  # the demo training images with their masks
 TRAIN_IMAGES = 256  # 16 steps of the global batch per epoch
@@ -54,14 +54,16 @@ def bare_epochs(cfg: Config, epochs: int, threads: int) -> list[float]:
 
 def ray_run(cfg: Config, epochs: int, storage: Path, name: str) -> dict:
     """One `fit_stage` run of `epochs` epochs: per-epoch images/s, start-up and teardown seconds."""
-    from stpp_ray.train_ray import StageSpec, fit_stage
+    from stpp_ray.cluster.train import fit_stage
+    from stpp_ray.methods.base import SUPERVISED
+    from stpp_ray.stage_setup import StageSpec
 
     train, val = _samples(cfg)
     stage_dir = storage / name
     shutil.rmtree(stage_dir, ignore_errors=True)
     rows = lambda samples: [[s.image_id, str(s.image_path), str(s.mask_path)] for s in samples]  # noqa: E731
     spec = StageSpec(name="teacher", stage_dir=str(stage_dir), fingerprint=f"{name}-{time.time_ns()}",
-                     labeled=rows(train), val=rows(val))
+                     labeled=rows(train), val=rows(val), method="supervised", kind=SUPERVISED, epochs=cfg.train.epochs)
     called = time.time()
     fit_stage(cfg, spec, storage / "ray_train")
     returned = time.time()

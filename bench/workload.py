@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from stpp_ray.checkpoints import architecture, build_from_architecture, save_weights
+from stpp_ray.weights import architecture, build_from_architecture, save_weights
 from stpp_ray.config import Config, load_config
 from stpp_ray.datasets import build_samples
 from stpp_ray.demo_data import ensure_demo_dataset

@@ -224,6 +224,20 @@ def cutmix_box(size: int, p: float = 0.5) -> torch.Tensor:
     return box
 
 
+def half_box(size: int, p: float = 0.5) -> torch.Tensor:
+    """U2PL's CutMix region: with probability p a box of half the crop's area, width drawn
+    in (size/2, size), at a random place (True inside)."""
+    box = torch.zeros(size, size, dtype=torch.bool)
+    if torch.rand(()).item() >= p or size < 3:
+        return box
+    width = int(torch.randint(size // 2 + 1, size, ()))
+    height = min(size, round(size * size / 2 / width))
+    top = int(torch.randint(0, size - height + 1, ()))
+    left = int(torch.randint(0, size - width + 1, ()))
+    box[top:top + height, left:left + width] = True
+    return box
+
+
 def normalize(image: torch.Tensor) -> torch.Tensor:
     """uint8 CxHxW or BxCxHxW -> float32 normalized with the ImageNet mean/std."""
     if image.dtype != torch.uint8 or image.ndim not in (3, 4):

@@ -7,7 +7,8 @@ import sys
 import traceback
 from pathlib import Path
 
-from .config import METHODS
+from .methods import names as method_names
+
 
 
 def _cmd_demo_data(args: argparse.Namespace) -> int:
@@ -20,7 +21,7 @@ def _cmd_demo_data(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .pipeline import Pipeline
+    from .runs.pipeline import Pipeline
 
     cfg = load_config(args.config, args.overrides)
     report = Pipeline(cfg).run()
@@ -32,7 +33,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import render_table, run_compare
+    from .runs.compare import render_table, run_compare
     from .config import load_config
 
     cfg = load_config(args.config, args.overrides)
@@ -42,7 +43,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from .tune_ray import run_sweep
+    from .cluster.tune import run_sweep
 
     summary = run_sweep(args.config, args.overrides, retry_failed=args.retry_failed)
     print(f"\nsweep: {len(summary['trials'])} trials ({summary['counts']}), "
@@ -142,8 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     p.set_defaults(func=_cmd_demo_data)
 
-    p = sub.add_parser("run", help="run the pipeline of the config's method (supervised, st, stpp, mean_teacher, u2pl, "
-                                   "dmt, unimatch)")
+    p = sub.add_parser("run", help=f"run the pipeline of the config's method ({', '.join(method_names())})")
     p.add_argument("-c", "--config", required=True, help="YAML config file (see jobs/)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=10")
     p.set_defaults(func=_cmd_run)
@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", required=True, help="YAML config file (e.g. jobs/demo.yaml)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="values of run.seed (default 0 1 2)")
     p.add_argument("--out", default="runs/compare", help="output directory (default runs/compare)")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+    p.add_argument("--methods", nargs="+", choices=method_names(), default=list(method_names()),
                    help="methods to run (default: all of them)")
     p.add_argument("--oracle-split", default="ImageSets/Segmentation/full/labeled.txt",
                    help="labeled split of the oracle ('' to skip it)")

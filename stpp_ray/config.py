@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-METHODS = ("supervised", "st", "stpp", "mean_teacher", "u2pl", "dmt", "unimatch")
-ONLINE_METHODS = ("mean_teacher", "u2pl", "unimatch")
+from .methods import get_method, names as method_names
+
+TTA_SCALES = (0.5, 0.75, 1.0, 1.5, 2.0)  # ST++'s test-time scales (LiheYoung/ST-PlusPlus model/semseg/base.py)
 
 
 class ConfigError(ValueError):
@@ -106,7 +107,7 @@ class ModelConfig(_Section):
         """The head to build: `head`, with `auto` resolved from the run's method."""
         if self.head != "auto":
             return self.head
-        return "unimatch" if self._method == "unimatch" else "stpp"
+        return get_method(self._method).head
 
 
 class TrainConfig(_Section):
@@ -161,7 +162,7 @@ class LabelConfig(_Section):
     )
     tta: bool = Field(False, description="Test-time augmentation for pseudo-labels: scales x {identity, hflip}, softmax summed.")
     tta_scales: list[float] = Field(
-        [0.5, 0.75, 1.0, 1.5, 2.0], description="Scales of the test-time augmentation."
+        list(TTA_SCALES), description="Scales of the test-time augmentation."
     )
     batch_size: int = Field(16, ge=1, description="Images per Ray Data batch in the labeling pass.")
     min_actors: int = Field(
@@ -185,7 +186,7 @@ class EvalConfig(_Section):
     window: int = Field(0, ge=0, description="Side of the sliding window or centre crop in pixels; 0 = `data.crop_size`.")
 
     def options(self, crop_size: int) -> dict:
-        """`mode` and the effective `window`: the keyword arguments of `engine.evaluate`."""
+        """`mode` and the effective `window`: the keyword arguments of `evaluation.evaluate`."""
         return {"mode": self.mode, "window": 0 if self.mode == "whole" else self.window or crop_size}
 
 
@@ -274,8 +275,9 @@ class SweepConfig(_Section):
 
 
 class Config(_Section):
-    method: Literal["supervised", "st", "stpp", "mean_teacher", "u2pl", "dmt", "unimatch"] = Field(
-        "stpp", description="Pipeline: `supervised` (SupOnly), `st`, `stpp`, or the other methods `mean_teacher`, `u2pl`, `dmt`, `unimatch`."
+    method: str = Field(
+        "stpp", description="Pipeline: " + ", ".join(f"`{name}`" for name in method_names())
+        + " (`supervised` is SupOnly; see the README's \"Other methods\").",
     )
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -287,6 +289,13 @@ class Config(_Section):
     run: RunSection = Field(default_factory=RunSection)
     semi: SemiConfig = Field(default_factory=SemiConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        if value not in method_names():
+            raise ValueError(f"unknown method {value!r}; expected one of {', '.join(method_names())}")
+        return value
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":
@@ -312,10 +321,9 @@ class Config(_Section):
             raise ValueError("train.device=cuda needs ray.use_gpu=true (Ray must assign GPUs to the workers)")
         self.model._method = self.method  # model.head=auto follows the method
         # The heads' ASPP pooling branch has BatchNorm on a 1x1 map: a training forward of the
-        # labeled batch alone (every method but Mean Teacher, UniMatch, and U2PL without warm-up,
-        # which add unlabeled images to it) needs 2+ images per BatchNorm.
-        labeled_alone = self.method not in ("mean_teacher", "unimatch", "u2pl") or (
-            self.method == "u2pl" and self.semi.u2pl_warmup_epochs > 0)
+        # labeled batch alone (the online methods add unlabeled images to it) needs 2+ images
+        # per BatchNorm.
+        labeled_alone = get_method(self.method).trains_labeled_batch_alone(self)
         synced = self.ray.num_workers == 1 or self.train.sync_batchnorm
         per_bn = self.train.batch_size if synced else self.train.batch_size // self.ray.num_workers
         if labeled_alone and per_bn < 2:
@@ -325,17 +333,6 @@ class Config(_Section):
                 "BatchNorm in training; raise train.batch_size (or turn train.sync_batchnorm on)"
             )
         return self
-
-    def stage_epochs(self, stage: str) -> int:
-        """Epochs of a training stage: the teachers', an online method's, a DMT phase's, or the students'."""
-        students = self.train.student_epochs or self.train.epochs
-        if stage in ("teacher", "teacher_b"):
-            return self.train.epochs
-        if stage == "online":
-            return self.semi.epochs or students
-        if stage.startswith("dmt_"):
-            return self.semi.dmt_phase_epochs or students
-        return students
 
     def unlabeled_batch_size(self) -> int:
         """Global unlabeled batch of the online methods."""

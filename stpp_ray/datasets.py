@@ -27,7 +27,25 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-IGNORE_INDEX = 255
+IGNORE_INDEX = 255  # the label of pixels that no loss or metric counts
+
+
+def _voc_colors() -> np.ndarray:
+    """The Pascal VOC colour map, 256 x 3 uint8: bits of the class id interleaved into R, G, B."""
+    colors = np.zeros((256, 3), dtype=np.uint8)
+    for index in range(256):
+        c, r, g, b = index, 0, 0, 0
+        for bit in range(8):
+            r |= ((c >> 0) & 1) << (7 - bit)
+            g |= ((c >> 1) & 1) << (7 - bit)
+            b |= ((c >> 2) & 1) << (7 - bit)
+            c >>= 3
+        colors[index] = (r, g, b)
+    return colors
+
+
+VOC_COLORS = _voc_colors()
+VOC_PALETTE: list[int] = VOC_COLORS.ravel().tolist()  # as PIL's putpalette takes it
 LAYOUTS = ("voc", "cityscapes", "folder")
 MAX_LISTED_PROBLEMS = 20
 FOLDER_IMAGE_EXTS = ("jpg", "jpeg", "png", "bmp", "tif", "tiff")

@@ -31,21 +31,17 @@ Label conventions:
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-try:  # POSIX only; without it concurrent ensure() calls are not serialised
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None
+from .datasets import IGNORE_INDEX, VOC_PALETTE
+from .files import locked, write_text_atomic
 
 __all__ = [
     "DEMO_CLASSES",
@@ -58,7 +54,6 @@ __all__ = [
 GENERATOR_VERSION = 4
 DEMO_CLASSES: tuple[str, ...] = ("background", "zero", "one", "two", "three", "four")
 DEMO_NUM_CLASSES: int = len(DEMO_CLASSES)
-IGNORE_INDEX = 255
 OBJECT_DIGITS = (0, 1, 2, 3, 4)  # class k (1..5) is digit k-1
 DISTRACTOR_DIGITS = (5, 6, 7, 8, 9)  # pasted, labeled background
 # Sampling weight of each object class; "four" is the rare class.
@@ -95,22 +90,6 @@ _LEVELS = {
 _CLUTTER_KINDS = ("noise", "grating", "blobs", "strokes", "checker")
 
 
-def _voc_palette() -> list[int]:
-    """Standard Pascal VOC colormap (bit-interleaved class index), 768 ints."""
-    palette = []
-    for index in range(256):
-        r = g = b = 0
-        c = index
-        for shift in range(7, -1, -1):
-            r |= (c & 1) << shift
-            g |= ((c >> 1) & 1) << shift
-            b |= ((c >> 2) & 1) << shift
-            c >>= 3
-        palette.extend((r, g, b))
-    return palette
-
-
-VOC_PALETTE: list[int] = _voc_palette()
 
 
 # --------------------------------------------------------------------------
@@ -508,15 +487,8 @@ def _params(seed: int, num_train: int, num_val: int, image_size: int) -> dict:
     }
 
 
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _write_list(path: Path, ids: list[str]) -> None:
-    _write_text(path, "".join(f"{i}\n" for i in ids))
+    write_text_atomic(path, "".join(f"{i}\n" for i in ids))
 
 
 def _save_pair(out: Path, image_id: str, rgb: np.ndarray, label: np.ndarray) -> None:
@@ -592,8 +564,8 @@ def generate_demo_dataset(out: str | Path, seed: int = 0, *, num_train: int = 51
         "train": train,
         "val": val,
     }
-    _write_text(out / INFO_NAME, json.dumps(info, indent=1, sort_keys=True) + "\n")
-    _write_text(out / MARKER_NAME, json.dumps(params, sort_keys=True) + "\n")
+    write_text_atomic(out / INFO_NAME, json.dumps(info, indent=1, sort_keys=True) + "\n")
+    write_text_atomic(out / MARKER_NAME, json.dumps(params, sort_keys=True) + "\n")
     return out
 
 
@@ -604,21 +576,6 @@ def _marker_matches(out: Path, params: dict) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def _locked(out: Path):
-    """Serialise generation of one directory across processes (POSIX)."""
-    out.mkdir(parents=True, exist_ok=True)
-    if fcntl is None:
-        yield
-        return
-    with open(out / ".demo_lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def ensure_demo_dataset(out: str | Path, seed: int = 0, **kwargs) -> Path:
     """Return ``out``, generating the dataset unless a matching completion marker exists."""
     out = Path(out)
@@ -626,7 +583,8 @@ def ensure_demo_dataset(out: str | Path, seed: int = 0, **kwargs) -> Path:
     params = _params(seed, **options)
     if _marker_matches(out, params):
         return out
-    with _locked(out):
+    out.mkdir(parents=True, exist_ok=True)
+    with locked(out / ".demo_lock"):  # one process generates a directory, the others wait
         if not _marker_matches(out, params):  # another process may have finished it
             generate_demo_dataset(out, seed, **options)
     return out

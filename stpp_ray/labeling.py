@@ -17,17 +17,18 @@ import numpy as np
 import torch
 
 from .augment import normalize
-from .checkpoints import load_model
+from .config import TTA_SCALES
+from .weights import load_model
 from .datasets import encode_mask_png, read_image
-from .engine import predict_probs
-from .stability import batched_checkpoint_ious
+from .evaluation import predict_probs
+from .stability import batched_checkpoint_ious, stability_for_checkpoints
 
 
 class Labeler:
     """Scores and pseudo-labels batches of images given as `image_id` and `image_path` columns."""
 
     def __init__(self, checkpoint_paths: Sequence[str], label_checkpoint: str, *, tta: bool = False,
-                 tta_scales: Sequence[float] = (0.5, 0.75, 1.0, 1.5, 2.0), device: str = "cpu",
+                 tta_scales: Sequence[float] = TTA_SCALES, device: str = "cpu",
                  num_threads: int = 0, expect_arch: dict | None = None):
         if num_threads > 0:
             torch.set_num_threads(num_threads)
@@ -76,11 +77,11 @@ class Labeler:
             probs = probs / probs.sum(1, keepdim=True)
         b = images.shape[0]
         if len(preds) > 1:
-            ious = batched_checkpoint_ious(torch.stack(preds), self.num_classes).cpu().double()
-            ckpt_miou = ious.tolist()
-            stability = ious.nanmean(1).tolist()
+            ckpt_miou = batched_checkpoint_ious(torch.stack(preds), self.num_classes).cpu().double().tolist()
         else:
-            ckpt_miou, stability = [[] for _ in range(b)], [float("nan")] * b
+            ckpt_miou = [[] for _ in range(b)]
+        # Every checkpoint's score, keyed by position (the epochs need not be distinct here).
+        stability = [stability_for_checkpoints(dict(enumerate(ious)), range(len(ious) + 1)) for ious in ckpt_miou]
         confidence, label = probs.max(1)
         entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1)
         masks = label.to(torch.uint8).cpu().numpy()

@@ -1,5 +1,6 @@
-"""Losses. Sums and pixel counts are kept apart so that the mean over a *global* batch
-can be formed across DDP workers (batch-size invariance)."""
+"""The losses several methods share (a method's own live in its module). Sums and pixel
+counts are kept apart so that the mean over a *global* batch can be formed across DDP
+workers (batch-size invariance)."""
 
 from __future__ import annotations
 
@@ -15,3 +16,9 @@ def cross_entropy_sum(logits: torch.Tensor, target: torch.Tensor, ignore_index: 
     loss_sum = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="sum")
     count = (target != ignore_index).sum()
     return loss_sum, count
+
+
+def masked_ce(logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Summed pixel cross entropy over `keep` (target values outside `keep` may be 255)."""
+    per_pixel = F.cross_entropy(logits.float(), target.masked_fill(~keep, 0), reduction="none")
+    return (per_pixel * keep).sum()

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .datasets import IGNORE_INDEX
+
 
 def _to_numpy(a) -> np.ndarray:
     if isinstance(a, torch.Tensor):
@@ -24,7 +26,7 @@ def _check_range(values: np.ndarray, num_classes: int, what: str) -> None:
 class ConfusionMatrix:
     """Counts of (target, prediction) pairs; rows are targets, columns predictions."""
 
-    def __init__(self, num_classes: int, ignore_index: int = 255):
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX):
         if num_classes < 1:
             raise ValueError(f"num_classes must be positive, got {num_classes}")
         self.num_classes = num_classes

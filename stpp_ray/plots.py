@@ -17,26 +17,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from .datasets import VOC_COLORS  # noqa: E402
+
 THUMB_SIZE = 256
 PAIRS_PER_ROW = 4
 CAPTION_FONTSIZE = 7
 
 
-def _voc_palette() -> np.ndarray:
-    """The Pascal VOC colour map: bits of the class id interleaved into R, G, B."""
-    colors = np.zeros((256, 3), dtype=np.uint8)
-    for index in range(256):
-        c, r, g, b = index, 0, 0, 0
-        for bit in range(8):
-            r |= ((c >> 0) & 1) << (7 - bit)
-            g |= ((c >> 1) & 1) << (7 - bit)
-            b |= ((c >> 2) & 1) << (7 - bit)
-            c >>= 3
-        colors[index] = (r, g, b)
-    return colors
-
-
-VOC_COLORS = _voc_palette()
 
 
 def colorize(mask: np.ndarray) -> np.ndarray:

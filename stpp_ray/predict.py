@@ -16,12 +16,13 @@ import torch
 from PIL import Image
 
 from .augment import normalize
-from .checkpoints import load_model
+from .config import TTA_SCALES
+from .weights import load_model
 from .datasets import read_image
-from .engine import predict_probs
-from .plots import VOC_COLORS, overlay
+from .evaluation import predict_probs
+from .datasets import VOC_COLORS
+from .plots import overlay
 
-TTA_SCALES = (0.5, 0.75, 1.0, 1.5, 2.0)
 
 
 def tta_settings(tta: bool) -> tuple[tuple[float, ...], bool]:

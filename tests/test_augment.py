@@ -161,13 +161,15 @@ def test_base_size_defaults_per_layout():
 
 def test_setup_rank_gives_every_training_set_the_base_size(tmp_path):
     from stpp_ray.config import load_config
-    from stpp_ray.engine import TrainItem
-    from stpp_ray.rank_setup import setup_rank
+    from stpp_ray.training import TrainItem
+    from stpp_ray.methods import get_method
+    from stpp_ray.stage_setup import setup_rank
 
     for extra, expected in [([], 400), (["data.base_size=96"], 96), (["data.layout=folder"], 0)]:
         cfg = load_config(None, ["model.backbone=tiny", "model.aspp_channels=8", "train.batch_size=2",
                                  "method=unimatch", *extra])
-        setup = setup_rank(cfg, [TrainItem("a", "a.png", "a.png")] * 2, [], 1, unlabeled_paths=["u.png"] * 2)
+        setup = setup_rank(cfg, [TrainItem("a", "a.png", "a.png")] * 2, [], 1, online=get_method("unimatch"),
+                           unlabeled_paths=["u.png"] * 2)
         for dataset in (setup.train_set, setup.unlabeled_set):
             assert dataset.weak.transforms[0].base_size == expected, (extra, type(dataset).__name__)
 

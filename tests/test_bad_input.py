@@ -12,11 +12,11 @@ import torch
 import yaml
 from PIL import Image
 
-from stpp_ray.checkpoints import save_weights
+from stpp_ray.weights import save_weights
 from stpp_ray.cli import main
 from stpp_ray.models import build_model
 
-from conftest import SMOKE
+from tests.helpers import SMOKE
 
 LABELED = "ImageSets/Segmentation/1_16/labeled.txt"
 UNLABELED = "ImageSets/Segmentation/1_16/unlabeled.txt"

@@ -9,9 +9,9 @@ import pytest
 from bench import labeling, render, scale
 from stpp_ray.config import Config
 from stpp_ray.labeling import Labeler
-from stpp_ray.pseudo import read_table
-from stpp_ray.train_ray import summarize_stage
-from helpers import write_checkpoints, write_random_images
+from stpp_ray.pseudo_labels import read_table
+from stpp_ray.cluster.train import summarize_stage
+from tests.helpers import write_checkpoints, write_random_images
 
 ARCH = {"name": "deeplabv3plus", "backbone": "tiny", "output_stride": 8, "aspp_channels": 8, "num_classes": 4}
 

@@ -6,8 +6,8 @@ import time
 import pytest
 
 from stpp_ray.config import Config
-from stpp_ray.pseudo import read_table
-from helpers import write_checkpoints, write_random_images
+from stpp_ray.pseudo_labels import read_table
+from tests.helpers import write_checkpoints, write_random_images
 
 ARCH = {"name": "deeplabv3plus", "backbone": "resnet18", "output_stride": 8, "aspp_channels": 16, "num_classes": 4}
 
@@ -23,7 +23,7 @@ def _labeler_nodes(ray) -> set[str]:
 def test_labeling_completes_exactly_once_when_a_worker_node_is_removed(ray_cluster, tmp_path):
     import ray
 
-    from stpp_ray.label_ray import run_labeling
+    from stpp_ray.cluster.label import run_labeling
 
     cluster, _ = ray_cluster
     extra = cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", object_store_memory=300 * 1024 * 1024)
@@ -72,7 +72,7 @@ def test_driver_killed_mid_run_and_the_same_command_completes(ray_cluster, smoke
     import subprocess
     import sys
 
-    from conftest import SMOKE
+    from tests.helpers import SMOKE
 
     cluster, _ = ray_cluster
     out = tmp_path / "run"

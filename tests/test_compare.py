@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from stpp_ray.compare import oracle_epochs, render_table, summarize
+from stpp_ray.runs.compare import oracle_epochs, render_table, summarize
 from stpp_ray.config import load_config
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from stpp_ray.engine import GlobalBatchSampler, build_optimizer, poly_scheduler, sample_seed, train_one_epoch
+from stpp_ray.training import GlobalBatchSampler, build_optimizer, poly_scheduler, sample_seed, train_one_epoch
 from stpp_ray.models import build_model, convert_batchnorm_for_distributed, split_parameters
 from tests.helpers import assert_states_close, run_on_gloo_workers
 
@@ -83,7 +83,7 @@ def test_two_workers_take_the_same_steps_as_one(tmp_path):
 def test_augmentation_depends_only_on_seed_epoch_and_index(tmp_path):
     from stpp_ray.datasets import build_samples
     from stpp_ray.demo_data import generate_demo_dataset
-    from stpp_ray.engine import TrainItem, TrainSet
+    from stpp_ray.training import TrainItem, TrainSet
 
     root = generate_demo_dataset(tmp_path / "d", num_train=32, num_val=2, image_size=32)
     samples = build_samples("voc", root, "ImageSets/Segmentation/1_8/labeled.txt", with_masks=True)
@@ -105,12 +105,14 @@ def test_train_items_double_a_small_labeled_set_for_the_teacher_only(tmp_path):
     import pyarrow.parquet as pq
 
     from stpp_ray.datasets import encode_mask_png
-    from stpp_ray.pseudo import SCHEMA
-    from stpp_ray.train_ray import StageSpec, build_train_items
+    from stpp_ray.pseudo_labels import SCHEMA
+    from stpp_ray.methods.base import SUPERVISED, PseudoLabels
+    from stpp_ray.stage_setup import StageSpec, build_train_items
 
     def spec(n, **kw):
         rows = [[f"l{i}", f"l{i}.jpg", f"l{i}.png"] for i in range(n)]
-        return StageSpec("teacher", str(tmp_path), "fp", labeled=rows, val=[], **kw)
+        return StageSpec("teacher", str(tmp_path), "fp", labeled=rows, val=[], method="stpp", kind=SUPERVISED,
+                         epochs=1, **kw)
 
     assert [it.image_id for it in build_train_items(spec(3))] == ["l0", "l1", "l2"] * 2
     assert len(build_train_items(spec(92))) == 184 and len(build_train_items(spec(199))) == 398
@@ -122,7 +124,7 @@ def test_train_items_double_a_small_labeled_set_for_the_teacher_only(tmp_path):
     mask = encode_mask_png(np.zeros((4, 4), np.uint8))
     pq.write_table(pa.Table.from_pylist([{"image_id": i, "mask_png": mask} for i in ids], schema=SCHEMA),
                    tmp_path / "part-0.parquet")
-    source = {"parquet_dir": str(tmp_path), "image_paths": {i: f"{i}.jpg" for i in ids}}
+    source = PseudoLabels(str(tmp_path), {i: f"{i}.jpg" for i in ids})
     student = build_train_items(spec(3, pseudo=[source]))
     assert [it.image_id for it in student[:12]] == ["l0", "l1", "l2"] * 4  # ceil(10 / 3), not doubled first
     assert [it.image_id for it in student[12:]] == ids and all(it.strong for it in student[12:])
@@ -131,7 +133,7 @@ def test_train_items_double_a_small_labeled_set_for_the_teacher_only(tmp_path):
 def test_sampler_can_pass_the_epoch_with_each_index(tmp_path):
     """`with_epoch`: the same batches as (epoch, index) pairs; TrainSet reads such a key at its epoch."""
     from stpp_ray.datasets import encode_mask_png
-    from stpp_ray.engine import TrainItem, TrainSet
+    from stpp_ray.training import TrainItem, TrainSet
     from tests.helpers import write_random_images
 
     plain, tagged = GlobalBatchSampler(12, 4, 1, 2, seed=3), GlobalBatchSampler(12, 4, 1, 2, seed=3, with_epoch=True)

@@ -11,8 +11,8 @@ from PIL import Image
 
 from stpp_ray.config import load_config
 from stpp_ray.datasets import Sample
-from stpp_ray.engine import (EvalSet, collate_pairs, evaluate, predict_probs, sliding_window_probs,
-                             window_starts)
+from stpp_ray.evaluation import (EvalSet, collate_pairs, evaluate, predict_probs, sliding_window_probs,
+                                 window_starts)
 from stpp_ray.metrics import ConfusionMatrix
 
 C = 4
@@ -213,8 +213,8 @@ def _write_val_set(root, sizes):
 
 
 def test_rank_validation_loader_on_mixed_sizes_any_eval_batch_size(tmp_path):
-    from stpp_ray.engine import TrainItem
-    from stpp_ray.rank_setup import setup_rank
+    from stpp_ray.training import TrainItem
+    from stpp_ray.stage_setup import setup_rank
 
     samples = _write_val_set(tmp_path, [(24, 32), (32, 24), (24, 32), (20, 36), (32, 24)])
     items = [TrainItem(s.image_id, str(s.image_path), str(s.mask_path)) for s in samples] * 2
@@ -257,7 +257,7 @@ def test_cityscapes_jobs_evaluate_by_sliding_windows(name):
 def test_report_states_how_the_miou_was_measured(tmp_path):
     import json
 
-    from stpp_ray.report import write_report
+    from stpp_ray.runs.report import write_report
 
     cfg = load_config(None, ["method=supervised", "data.crop_size=721", "eval.mode=sliding"])
     results = {"teacher": {"miou": 0.5, "best_miou": 0.6, "per_class_iou": [0.5] * 21}}

@@ -31,9 +31,9 @@ import yaml
 from stpp_ray.cli import build_parser, main
 from stpp_ray.config import DataConfig, load_config
 from stpp_ray.datasets import CITYSCAPES_LUT, check_samples, read_mask, read_split, split_entry_id
-from stpp_ray.pipeline import Pipeline
+from stpp_ray.runs.pipeline import Pipeline
 
-from layout_data import LayoutData, LayoutMismatch
+from tests.helpers.layout_data import LayoutData, LayoutMismatch
 
 REPO = Path(__file__).resolve().parents[1]
 JOBS = REPO / "jobs"
@@ -242,7 +242,7 @@ def check_run(run_dir: Path, cfg, own_cfg, changed: set[str], ids: dict[str, lis
     for name in names:
         if name in TRAIN_STAGES:
             records = [json.loads(line) for line in (home[name] / name / "metrics.jsonl").read_text().splitlines()]
-            assert [r["epoch"] for r in records] == list(range(1, cfg.stage_epochs(name) + 1)), name
+            assert [r["epoch"] for r in records] == list(range(1, results[name]["planned_epochs"] + 1)), name
             images = sum(r["images_per_s"] * r["train_seconds"] for r in records)
             assert images >= cfg.train.batch_size * len(records) - 1e-6, f"{name}: no full step in an epoch"
             assert "val_miou" in records[-1], f"{name}: the last epoch was not validated"
@@ -350,7 +350,7 @@ def test_job_config_runs_with_its_own_settings(case, ray_local, fake_imagenet, l
     if FAMILIES and not reused and family in finished_runs:
         pipeline = Pipeline(cfg)
         pipeline.prepare_data()
-        result = pipeline.data_stage().run()  # reads and checks every image and mask
+        result = pipeline.data().run()  # reads and checks every image and mask
         assert (result["labeled"], result["val"], result["unlabeled"]) == \
             (len(ids["labeled"]), len(ids["val"]), len(ids.get("unlabeled", [])))
         return

@@ -9,12 +9,12 @@ import torch
 from PIL import Image
 
 from stpp_ray.augment import normalize
-from stpp_ray.checkpoints import CheckpointError
+from stpp_ray.weights import CheckpointError
 from stpp_ray.datasets import decode_mask_png
 from stpp_ray.labeling import Labeler
-from stpp_ray.pseudo import SCHEMA
+from stpp_ray.pseudo_labels import SCHEMA
 from stpp_ray.stability import stability_score
-from helpers import write_checkpoints, write_random_images
+from tests.helpers import write_checkpoints, write_random_images
 
 ARCH = {"name": "deeplabv3plus", "backbone": "mobilenet_v3_large", "output_stride": 16, "aspp_channels": 16,
         "num_classes": 4}

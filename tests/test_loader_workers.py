@@ -10,9 +10,10 @@ import torch
 from stpp_ray.config import load_config
 from stpp_ray.datasets import build_samples, encode_mask_png, read_mask
 from stpp_ray.demo_data import DEMO_NUM_CLASSES, generate_demo_dataset
-from stpp_ray.engine import TrainItem, sample_seed, train_one_epoch
-from stpp_ray.online import cycle, train_online_epoch
-from stpp_ray.rank_setup import setup_rank
+from stpp_ray.training import TrainItem, sample_seed, train_one_epoch
+from stpp_ray.methods.online import cycle, train_online_epoch
+from stpp_ray.methods import get_method
+from stpp_ray.stage_setup import setup_rank
 
 EPOCHS = 2
 
@@ -35,9 +36,10 @@ def _config(workers: int, *overrides: str):
 
 
 def _train(cfg, items, unlabeled=()) -> dict:
-    """Two epochs as `train_ray.train_loop_per_worker` runs them (one process, no Ray)."""
+    """Two epochs as `cluster.train.StageWorker` runs them (one process, no Ray)."""
     online = bool(unlabeled)
-    setup = setup_rank(cfg, items, [], EPOCHS, unlabeled_paths=unlabeled)
+    method = get_method(cfg.method) if online else None
+    setup = setup_rank(cfg, items, [], EPOCHS, online=method, unlabeled_paths=unlabeled)
     device = torch.device("cpu")
     steps = setup.steps_per_epoch()
     for epoch in range(1, EPOCHS + 1):
@@ -47,7 +49,7 @@ def _train(cfg, items, unlabeled=()) -> dict:
         if online:
             setup.unlabeled_sampler.set_epoch(epoch)
             setup.unlabeled_set.set_epoch(epoch)
-            train_online_epoch(cfg.method, setup.model, setup.ema, cycle(setup.loader, setup.sampler, setup.train_set, epoch),
+            train_online_epoch(method.step, setup.model, setup.ema, cycle(setup.loader, setup.sampler, setup.train_set, epoch),
                                setup.unlabeled_loader, setup.optimizer, setup.scheduler, device, cfg.semi,
                                epoch=epoch, epochs=EPOCHS, steps_done=(epoch - 1) * steps, total_steps=EPOCHS * steps,
                                warmup_steps=0)

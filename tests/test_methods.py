@@ -7,12 +7,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from stpp_ray.checkpoints import load_model
+from stpp_ray.weights import load_model
 from stpp_ray.datasets import decode_mask_png
-from stpp_ray.pipeline import Pipeline
-from stpp_ray.pseudo import read_curriculum_items
+from stpp_ray.runs.pipeline import Pipeline
+from stpp_ray.methods.dmt import read_curriculum_items
 
-from conftest import smoke_config
+from tests.helpers import injected_fault, smoke_config
 
 pytestmark = pytest.mark.ray
 
@@ -57,11 +57,12 @@ def test_dmt_fine_tunes_two_models_on_each_others_labels(ray_local, smoke_data, 
 def test_resumed_online_stage_equals_an_uninterrupted_one(ray_local, smoke_data, tmp_path):
     """U2PL on 2 workers with a worker killed in epoch 2: the restart from epoch 1's checkpoint
     (student, optimiser, EMA teacher) repeats exactly what the uninterrupted run does."""
-    from stpp_ray.train_ray import FAULT_MARKER
+    from stpp_ray.cluster.train import FAULT_MARKER
 
     args = ["method=u2pl", "ray.num_workers=2", "semi.epochs=2", "semi.u2pl_warmup_epochs=1", "train.max_failures=1"]
     faulted, clean = tmp_path / "faulted", tmp_path / "clean"
-    Pipeline(smoke_config(smoke_data, faulted, *args), fault_epoch=2, fault_stage="online").run()
+    with injected_fault("online", 2):
+        Pipeline(smoke_config(smoke_data, faulted, *args)).run()
     Pipeline(smoke_config(smoke_data, clean, *args)).run()
     fault_time = (faulted / "online" / FAULT_MARKER).stat().st_mtime
     epoch1 = next((faulted / "ray_train").glob("online-*/epoch_0001"))

@@ -308,7 +308,7 @@ def test_every_resize_aligns_corners():
 
 
 def test_weight_file_records_and_rebuilds_the_head(tmp_path):
-    from stpp_ray.checkpoints import CheckpointError, architecture, load_model, save_weights
+    from stpp_ray.weights import CheckpointError, architecture, load_model, save_weights
     from stpp_ray.config import load_config
 
     cfg = load_config(None, ["method=unimatch", "model.backbone=tiny", "model.aspp_channels=8", "model.output_stride=8"])

@@ -11,12 +11,15 @@ import torch
 from stpp_ray.augment import cutmix_box
 from stpp_ray.config import SemiConfig
 from stpp_ray.datasets import encode_mask_png
-from stpp_ray.engine import NO_CONFIDENCE, TrainItem, TrainSet, dmt_loss_sum
+from stpp_ray.methods import get_method
+from stpp_ray.methods.dmt import PHASE, class_balanced_thresholds, dmt_loss_sum, phase_epochs, read_curriculum_items
+from stpp_ray.training import NO_CONFIDENCE, TrainItem, TrainSet
 from stpp_ray.models import build_model, convert_batchnorm_for_distributed
-from stpp_ray.online import (STEPS, StepContext, Term, UnlabeledSet, combine, ema_decay, half_box, masked_ce,
-                             unimatch_step)
-from stpp_ray.pseudo import SCHEMA, read_curriculum_items
-from stpp_ray.semi_losses import class_balanced_thresholds, ema_update_, u2pl_drop_unreliable
+from stpp_ray.augment import half_box
+from stpp_ray.losses import masked_ce
+from stpp_ray.methods.online import LossTerm, StepContext, UnlabeledSet, combine, ema_decay, ema_update_
+from stpp_ray.methods.u2pl import u2pl_drop_unreliable
+from stpp_ray.pseudo_labels import SCHEMA
 from tests.helpers import assert_states_close, run_on_gloo_workers, write_random_images
 
 
@@ -70,8 +73,8 @@ def test_cutmix_boxes():
 
 
 def test_combine_normalises_each_term_by_its_global_count():
-    terms = [Term("x", torch.tensor(6.0), torch.tensor(3), 0.5), Term("u", torch.tensor(4.0), torch.tensor(8), 2.0),
-             Term("u2pl", torch.tensor(2.0), torch.tensor(4), 1.0, pixels=torch.tensor(16.0))]
+    terms = [LossTerm("x", torch.tensor(6.0), torch.tensor(3), 0.5), LossTerm("u", torch.tensor(4.0), torch.tensor(8), 2.0),
+             LossTerm("u2pl", torch.tensor(2.0), torch.tensor(4), 1.0, pixels=torch.tensor(16.0))]
     loss, shares = combine(terms, world=1)
     # 0.5 * 6/3 + 2 * 4/8 + 1 * (2/4) * (16/4)
     assert float(loss) == pytest.approx(1.0 + 1.0 + 2.0)
@@ -124,7 +127,7 @@ def test_unimatch_step_with_nothing_confident_keeps_only_the_labeled_loss():
     model = build_model("deeplabv3plus", "tiny", 3, output_stride=8, aspp_channels=8)
     x, y, u = _batch()
     ctx = StepContext(model, None, 0.0, 1, 1, False, _semi(confidence_threshold=1.0))
-    terms = unimatch_step(ctx, x, y, u)
+    terms = get_method("unimatch").step(ctx, x, y, u)
     assert [t.name for t in terms] == ["loss_x", "loss_s1", "loss_s2", "loss_fp"]
     assert [t.weight for t in terms] == [0.5, 0.125, 0.125, 0.25]  # (x + s1/4 + s2/4 + fp/2) / 2
     assert all(float(t.total.detach()) == 0.0 for t in terms[1:])
@@ -139,7 +142,7 @@ def test_online_step_trains_the_student_only(method):
     ema = build_model("deeplabv3plus", "tiny", 3, output_stride=8, aspp_channels=8).requires_grad_(False)
     x, y, u = _batch()
     ctx = StepContext(model, ema, 0.5, 1, 2, False, _semi(confidence_threshold=0.0))
-    loss, _ = combine(STEPS[method](ctx, x, y, u), world=1)
+    loss, _ = combine(get_method(method).step(ctx, x, y, u), world=1)
     loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     assert all(p.grad is None for p in ema.parameters())
@@ -158,7 +161,7 @@ def test_online_step_with_unequal_labeled_and_unlabeled_batches(method, labeled,
     x, y, _ = _batch(labeled)
     _, _, u = _batch(unlabeled, seed=1)
     ctx = StepContext(model, ema, 0.5, 1, 2, False, _semi(confidence_threshold=0.0))
-    terms = STEPS[method](ctx, x, y, u)
+    terms = get_method(method).step(ctx, x, y, u)
     loss, _ = combine(terms, world=1)
     loss.backward()
     assert math.isfinite(float(loss.detach()))
@@ -173,9 +176,9 @@ def test_online_step_with_unequal_labeled_and_unlabeled_batches(method, labeled,
 
 
 def _ddp_online_steps(world: int, rank: int, method: str, unlabeled: int = 4) -> dict:
-    from stpp_ray.engine import build_optimizer, poly_scheduler
+    from stpp_ray.training import build_optimizer, poly_scheduler
     from stpp_ray.models import split_parameters
-    from stpp_ray.online import train_online_epoch
+    from stpp_ray.methods.online import train_online_epoch
 
     torch.manual_seed(0)
     model = build_model("deeplabv3plus", "tiny", 3, output_stride=8, aspp_channels=8, head=_HEAD[method])
@@ -200,7 +203,7 @@ def _ddp_online_steps(world: int, rank: int, method: str, unlabeled: int = 4) ->
     labeled = iter([(x[part], y[part])] * 3)
     unlabeled = [{k: v[upart] for k, v in u.items()}] * 3
     cfg = _semi(confidence_threshold=0.3, feature_dropout=0.0, rampup_fraction=0.5)
-    stats = train_online_epoch(method, model, ema, labeled, unlabeled, opt, sched, torch.device("cpu"), cfg,
+    stats = train_online_epoch(get_method(method).step, model, ema, labeled, unlabeled, opt, sched, torch.device("cpu"), cfg,
                                epoch=1, epochs=2, steps_done=0, total_steps=6, warmup_steps=1)
     kept = ema if ema is not None else getattr(model, "module", model)
     return {"loss": stats["loss"], "state": {k: v.clone() for k, v in kept.state_dict().items()}}
@@ -285,9 +288,9 @@ def test_feature_dropout_returns_clean_and_perturbed_logits():
 
 
 def test_a_stage_can_start_from_saved_weights(tmp_path):
-    from stpp_ray.checkpoints import architecture, save_weights
+    from stpp_ray.weights import architecture, save_weights
     from stpp_ray.config import Config
-    from stpp_ray.rank_setup import setup_rank
+    from stpp_ray.stage_setup import setup_rank
 
     cfg = Config.model_validate({"model": {"backbone": "tiny", "output_stride": 8, "aspp_channels": 8},
                                  "data": {"num_classes": 3, "crop_size": 16}, "train": {"batch_size": 2}})
@@ -305,17 +308,18 @@ def test_a_stage_can_start_from_saved_weights(tmp_path):
 def test_dmt_phases_use_dmt_optimizer_recipe(tmp_path):
     """DMT's phases fine-tune with DMT's SGD (voldemortX/DST-CBC segmentation/dmt-voc-20-1.sh,
     main.py): lr 0.001 on every group, weight decay 5e-4; its teachers keep `train.*`."""
-    from stpp_ray.checkpoints import architecture, save_weights
+    from stpp_ray.weights import architecture, save_weights
     from stpp_ray.config import Config
-    from stpp_ray.rank_setup import setup_rank
+    from stpp_ray.stage_setup import setup_rank
 
     cfg = Config.model_validate({"method": "dmt", "model": {"backbone": "tiny", "output_stride": 8, "aspp_channels": 8},
                                  "data": {"num_classes": 3, "crop_size": 16}, "train": {"batch_size": 2, "lr": 0.02}})
-    assert cfg.stage_epochs("dmt_a1") == 4
+    assert phase_epochs(cfg) == 4
     save_weights(tmp_path / "w.pt", build_model("deeplabv3plus", "tiny", 3, output_stride=8, aspp_channels=8),
                  architecture(cfg.model, 3))
     items = [TrainItem("a", "unused.png", "unused.png")] * 2
-    phase = setup_rank(cfg, items, [], epochs=1, init_weights=str(tmp_path / "w.pt"), with_confidence=True)
+    phase = setup_rank(cfg, items, [], epochs=1, init_weights=str(tmp_path / "w.pt"),
+                       training=get_method("dmt").training(PHASE, cfg))
     groups = phase.optimizer.param_groups
     assert len(groups) == 2 and sum(len(g["params"]) for g in groups) == len(list(phase.model.parameters()))
     assert [(g["lr"], g["initial_lr"], g["weight_decay"], g["momentum"]) for g in groups] == [(0.001, 0.001, 5e-4, 0.9)] * 2

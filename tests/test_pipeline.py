@@ -6,9 +6,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from stpp_ray.datasets import read_split
-from stpp_ray.pipeline import Pipeline
+from stpp_ray.runs.pipeline import Pipeline
 
-from conftest import smoke_config
+from tests.helpers import injected_fault, smoke_config
 
 pytestmark = pytest.mark.ray
 
@@ -25,7 +25,7 @@ def test_max_images_uses_the_first_ids_of_each_split_and_needs_only_their_files(
     from stpp_ray.config import load_config
     from stpp_ray.datasets import DatasetError
 
-    from layout_data import write_image, write_mask
+    from tests.helpers.layout_data import write_image, write_mask
 
     root = tmp_path / "voc"
     lists = {role: [f"200{year}_{i:06d}" for i in range(30)] for year, role in enumerate(("labeled", "unlabeled", "val"))}
@@ -52,7 +52,7 @@ def test_max_images_uses_the_first_ids_of_each_split_and_needs_only_their_files(
 
 def test_a_changed_max_images_retrains_the_teacher_and_everything_after_it():
     from stpp_ray.config import load_config
-    from stpp_ray.pipeline import shared_fingerprint, teacher_fingerprint
+    from stpp_ray.methods.self_training import shared_fingerprint, teacher_fingerprint
 
     a, b = (load_config(None, [f"data.max_images={n}"]) for n in (16, 32))
     assert teacher_fingerprint(a) != teacher_fingerprint(b)
@@ -64,8 +64,8 @@ def interrupted_then_resumed(ray_local, smoke_data, tmp_path_factory):
     """An ST++ run killed in student1 (no restarts allowed), then rerun with the same config."""
     out = tmp_path_factory.mktemp("stpp") / "run"
     cfg = smoke_config(smoke_data, out, "train.max_failures=0")
-    with pytest.raises(Exception):
-        Pipeline(cfg, fault_epoch=2, fault_stage="student1").run()
+    with pytest.raises(Exception), injected_fault("student1", 2):
+        Pipeline(cfg).run()
     first = {
         "teacher_mtime": (out / "teacher" / "final.pt").stat().st_mtime,
         "label_files": sorted(p.name for p in (out / "pseudo_labels" / "teacher").glob("*.parquet")),

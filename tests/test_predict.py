@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from stpp_ray.augment import normalize
-from stpp_ray.checkpoints import load_model, save_weights
+from stpp_ray.weights import load_model, save_weights
 from stpp_ray.datasets import DatasetError, read_image
-from stpp_ray.engine import predict_probs
+from stpp_ray.evaluation import predict_probs
 from stpp_ray.models import build_model
 from stpp_ray.plots import VOC_COLORS
 from stpp_ray.predict import predict_images, predict_mask

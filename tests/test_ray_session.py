@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ray
 
-from stpp_ray import ray_session
+from stpp_ray.cluster import session as ray_session
 from stpp_ray.config import load_config
 
 

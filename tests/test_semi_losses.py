@@ -5,8 +5,11 @@ import math
 import pytest
 import torch
 
-from stpp_ray.semi_losses import (confident_pseudo_labels, dmt_weights, ema_update_, sigmoid_rampup,
-                                  softmax_mse_sum, u2pl_drop_unreliable, u2pl_unreliable_percent)
+from stpp_ray.methods.dmt import dmt_weights
+from stpp_ray.methods.mean_teacher import sigmoid_rampup, softmax_mse_sum
+from stpp_ray.methods.online import ema_update_
+from stpp_ray.methods.u2pl import u2pl_drop_unreliable, u2pl_unreliable_percent
+from stpp_ray.methods.unimatch import confident_pseudo_labels
 
 
 def _probs(*pixels):

@@ -11,14 +11,13 @@ import torch
 
 from stpp_ray.config import SweepConfig, checkpoint_epochs, load_config, parse_override
 from stpp_ray.labeling import Labeler
-from stpp_ray.pseudo import SCHEMA, PseudoLabelError, scores
+from stpp_ray.pseudo_labels import SCHEMA, PseudoLabelError, scores
 from stpp_ray.selection import select_reliable
 from stpp_ray.stability import batched_checkpoint_ious, stability_for_checkpoints, stability_score
-from stpp_ray.sweep import (K_KEY, R_KEY, SweepError, best_trial, check_space, checkpoint_counts, compute_summary,
-                            grid_cells, override_args, render_markdown, touches_shared, trial_label)
-from helpers import write_checkpoints, write_random_images
+from stpp_ray.runs.sweep import (K_KEY, R_KEY, SweepError, best_trial, check_space, checkpoint_counts, compute_summary,
+                                 grid_cells, override_args, render_markdown, touches_shared, trial_label)
 
-from conftest import SMOKE, smoke_config
+from tests.helpers import SMOKE, smoke_config, write_checkpoints, write_random_images
 
 ARCH = {"name": "deeplabv3plus", "backbone": "tiny", "output_stride": 8, "aspp_channels": 8, "num_classes": 4}
 EPOCHS = 12
@@ -181,7 +180,7 @@ def _write(path, cfg_overrides, root, out):
 
 @pytest.fixture(scope="module")
 def two_trial_sweep(ray_local, smoke_data, tmp_path_factory):
-    from stpp_ray.tune_ray import run_sweep
+    from stpp_ray.cluster.tune import run_sweep
 
     d = tmp_path_factory.mktemp("sweep")
     config = _write(d / "sweep.yaml", ["train.epochs=3", "train.student_epochs=1", "train.eval_interval=0",
@@ -230,7 +229,7 @@ def test_rerunning_a_finished_sweep_keeps_its_trials(two_trial_sweep):
 
 @pytest.mark.ray
 def test_changed_sweep_config_in_the_same_directory_is_refused(two_trial_sweep):
-    from stpp_ray.tune_ray import run_sweep
+    from stpp_ray.cluster.tune import run_sweep
 
     _, _, sweep_dir = two_trial_sweep
     config = sweep_dir.parent / "sweep.yaml"
@@ -240,7 +239,7 @@ def test_changed_sweep_config_in_the_same_directory_is_refused(two_trial_sweep):
 
 @pytest.mark.ray
 def test_a_failed_trial_is_reported_and_the_others_finish(ray_local, smoke_data, tmp_path):
-    from stpp_ray.tune_ray import run_sweep
+    from stpp_ray.cluster.tune import run_sweep
 
     # 4 labeled images: a global batch of 8 cannot be formed, which only the trial finds out.
     config = _write(tmp_path / "sweep.yaml", ["method=supervised", "train.epochs=1", "selection.num_checkpoints=1",

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from stpp_ray.checkpoints import load_model
-from stpp_ray.pipeline import Pipeline
-from stpp_ray.train_ray import FAULT_MARKER
+from stpp_ray.weights import load_model
+from stpp_ray.runs.pipeline import Pipeline
+from stpp_ray.cluster.train import FAULT_MARKER
 
-from conftest import smoke_config
+from tests.helpers import injected_fault, smoke_config
 
 pytestmark = pytest.mark.ray
 
@@ -17,7 +17,8 @@ pytestmark = pytest.mark.ray
 def test_two_worker_teacher_resumes_after_a_killed_worker(ray_local, smoke_data, tmp_path):
     cfg = smoke_config(smoke_data, tmp_path / "run", "method=supervised", "ray.num_workers=2",
                        "train.epochs=3", "selection.num_checkpoints=3", "train.max_failures=1")
-    report = Pipeline(cfg, fault_epoch=2, fault_stage="teacher").run()
+    with injected_fault("teacher", 2):
+        report = Pipeline(cfg).run()
 
     stage_dir = tmp_path / "run" / "teacher"
     assert (stage_dir / FAULT_MARKER).exists(), "the fault was not injected"
@@ -44,7 +45,8 @@ def test_resumed_teacher_equals_an_uninterrupted_one(ray_local, smoke_data, tmp_
     faulted = tmp_path / "faulted"
     args = ["method=supervised", "ray.num_workers=2", "train.epochs=3", "selection.num_checkpoints=1",
             "train.max_failures=1"]
-    Pipeline(smoke_config(smoke_data, faulted, *args), fault_epoch=3, fault_stage="teacher").run()
+    with injected_fault("teacher", 3):
+        Pipeline(smoke_config(smoke_data, faulted, *args)).run()
     clean = tmp_path / "clean"
     Pipeline(smoke_config(smoke_data, clean, *args)).run()
     assert (faulted / "teacher" / FAULT_MARKER).exists()

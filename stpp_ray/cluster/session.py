@@ -6,7 +6,7 @@ import os
 
 import ray
 
-from .config import Config
+from ..config import Config
 
 
 def init_ray(cfg: Config, extra_cpus: int = 0) -> None:

@@ -15,7 +15,6 @@ import copy
 import hashlib
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -24,11 +23,13 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from .config import Config, config_from_dict, load_raw, set_dotted
-from .pipeline import SHARED_STAGES, Pipeline, shared_fingerprint
-from .plots import sweep_heatmap
-from .ray_session import init_ray
-from .sweep import (K_KEY, SweepError, best_trial, check_space, checkpoint_counts, compute_summary, grid_cells,
+from ..config import Config, config_from_dict, load_raw, set_dotted
+from ..methods import get_method
+from ..runs.pipeline import Pipeline
+from ..files import write_json_atomic
+from ..plots import sweep_heatmap
+from .session import init_ray
+from ..runs.sweep import (K_KEY, SweepError, best_trial, check_space, checkpoint_counts, compute_summary, grid_cells,
                     render_markdown, run_command, shared_summary, touches_shared, trial_label)
 
 
@@ -67,8 +68,9 @@ def _trial_name(trial) -> str:
 
 def _stage_seconds(report: dict) -> float:
     """Seconds of this trial's own stages (not the shared ones it reused)."""
+    shared = get_method(report["method"]).shared_stages
     return sum(s.get("wall_s") or 0.0 for s in report.get("stages", [])
-               if not s.get("reused") and s["name"] not in SHARED_STAGES)
+               if not s.get("reused") and s["name"] not in shared)
 
 
 def sweep_trial(config: dict, base_raw: dict, sweep_dir: str) -> None:
@@ -226,9 +228,7 @@ def write_sweep_outputs(sweep_dir: Path, config_path: str, overrides: list[str],
     if cells:
         sweep_heatmap(*cells, sweep_dir / "sweep_heatmap.png", title=f"{cfg.sweep.metric} (%) over R and K")
         summary["heatmap"] = "sweep_heatmap.png"
-    tmp = sweep_dir / "sweep.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, default=str))
-    os.replace(tmp, sweep_dir / "sweep.json")
+    write_json_atomic(sweep_dir / "sweep.json", summary)
     (sweep_dir / "sweep.md").write_text(render_markdown(summary))
     return summary
 

@@ -4,27 +4,23 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
-from .config import ONLINE_METHODS, Config
-
-FINAL_STAGE = {"supervised": "teacher", "st": "student", "stpp": "student2"}
+from ..config import Config
+from ..files import write_json_atomic
+from ..methods import get_method
 
 
 def final_stage(cfg: Config) -> str:
     """The stage whose model is the method's result."""
-    if cfg.method in ONLINE_METHODS:
-        return "online"
-    if cfg.method == "dmt":
-        return f"dmt_a{len(cfg.semi.dmt_ratios)}"
-    return FINAL_STAGE[cfg.method]
+    return get_method(cfg.method).final_stage(cfg)
 
 
 def teacher_stage(cfg: Config) -> str:
-    """The stage reported as `teacher`: the SupOnly teacher, or for the online methods the
-    model that makes their targets at the end (the EMA teacher, or UniMatch's model itself)."""
-    return "online" if cfg.method in ONLINE_METHODS else "teacher"
+    """The stage reported as `teacher` (`Method.teacher_stage`)."""
+    return get_method(cfg.method).teacher_stage(cfg)
+
+
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
                "tvmonitor")
@@ -37,7 +33,7 @@ def class_names(cfg: Config) -> list[str]:
     """Readable class names where the layout defines them, else class_<i>."""
     n = cfg.data.num_classes
     if cfg.data.demo:
-        from .demo_data import DEMO_CLASSES
+        from ..demo_data import DEMO_CLASSES
         if len(DEMO_CLASSES) == n:
             return list(DEMO_CLASSES)
     known = {"voc": VOC_CLASSES, "cityscapes": CITYSCAPES_CLASSES}.get(cfg.data.layout)
@@ -53,15 +49,20 @@ def _model_summary(result: dict | None) -> dict:
     return {k: result.get(k) for k in keys}
 
 
+def _selection_scores(results: dict) -> dict[str, float]:
+    """The scores the select stage ranked by (selection.json), NaN for a missing score."""
+    from ..selection import selection_from_json
+
+    return selection_from_json(json.loads(Path(results["select"]["path"]).read_text())).scores
+
+
 def _selection_summary(cfg: Config, results: dict, run_dir: Path) -> dict | None:
     sel = results.get("select")
     if not sel:
         return None
-    from .plots import score_histogram, score_histogram_counts
-    from .pseudo import scores
+    from ..plots import score_histogram, score_histogram_counts
 
-    # The score of this run's K (in a sweep the teacher saved more checkpoints than K).
-    score_by_id = scores(results["label_teacher"]["parquet_dir"], cfg.checkpoint_epochs())
+    score_by_id = _selection_scores(results)
     reliable = sel["reliable"]
     threshold = min((score_by_id[i] for i in reliable), default=None)
     values = list(score_by_id.values())
@@ -70,32 +71,30 @@ def _selection_summary(cfg: Config, results: dict, run_dir: Path) -> dict | None
     finite = [v for v in values if not math.isnan(v)]
     return {
         "reliable": len(reliable), "unreliable": len(sel["unreliable"]), "threshold": threshold,
-        "score_mean": sum(finite) / len(finite) if finite else None,
+        "score_mean": math.fsum(finite) / len(finite) if finite else None,  # fsum: independent of the order
         "histogram": score_histogram_counts(values),
         "picture": "stability_histogram.png",
     }
 
 
-def _pseudo_label_grid(results: dict, image_paths: dict[str, str], out_png: Path, epochs: list[int]) -> None:
-    from .datasets import decode_mask_png, read_image
-    from .plots import pseudo_label_grid
-    from .pseudo import read_table, scores
+def _pseudo_label_grid(results: dict, image_paths: dict[str, str], out_png: Path) -> None:
+    from ..datasets import decode_mask_png, read_image
+    from ..plots import pseudo_label_grid
+    from ..pseudo_labels import read_masks
 
-    table = read_table(results["label_teacher"]["parquet_dir"], ["image_id", "mask_png"]).to_pylist()
-    score_by_id = scores(results["label_teacher"]["parquet_dir"], epochs)
-    for r in table:
-        r["stability"] = score_by_id[r["image_id"]]
+    score_by_id = _selection_scores(results)
     reliable = set(results["select"]["reliable"])
-    ranked = sorted(table, key=lambda r: (-r["stability"], r["image_id"]))
-    picked = [r for r in ranked if r["image_id"] in reliable][:8] + [r for r in ranked if r["image_id"] not in reliable][-8:]
-    rows = [{"image": read_image(image_paths[r["image_id"]]), "mask": decode_mask_png(r["mask_png"]),
-             "image_id": r["image_id"], "score": r["stability"], "reliable": r["image_id"] in reliable} for r in picked]
+    ranked = sorted(score_by_id, key=lambda i: (-score_by_id[i], i))
+    picked = [i for i in ranked if i in reliable][:8] + [i for i in ranked if i not in reliable][-8:]
+    masks = read_masks(results["label_teacher"]["parquet_dir"], picked)
+    rows = [{"image": read_image(image_paths[i]), "mask": decode_mask_png(masks[i]), "image_id": i,
+             "score": score_by_id[i], "reliable": i in reliable} for i in picked]
     pseudo_label_grid(rows, out_png, title="Teacher pseudo-labels: most and least stable images")
 
 
 def _pictures(cfg: Config, results: dict, run_dir: Path, names: list[str], final_name: str,
               image_paths: dict[str, str]) -> list[str]:
-    from .plots import per_class_iou_chart
+    from ..plots import per_class_iou_chart
 
     made = []
     teacher, final = results.get(teacher_stage(cfg)), results.get(final_name)
@@ -105,7 +104,7 @@ def _pictures(cfg: Config, results: dict, run_dir: Path, names: list[str], final
                             run_dir / "per_class_iou.png", title="Per-class IoU on the validation set")
         made.append("per_class_iou.png")
     if results.get("select"):
-        _pseudo_label_grid(results, image_paths, run_dir / "pseudo_labels_grid.png", cfg.checkpoint_epochs())
+        _pseudo_label_grid(results, image_paths, run_dir / "pseudo_labels_grid.png")
         made.append("pseudo_labels_grid.png")
     return made
 
@@ -115,7 +114,7 @@ def eval_summary(cfg: Config) -> dict:
     options = cfg.eval.options(cfg.data.crop_size)
     summary = {"mode": options["mode"]}
     if options["mode"] == "sliding":
-        from .engine import window_stride  # torch is imported only where a summary needs it
+        from ..evaluation import window_stride  # torch is imported only where a summary needs it
         summary.update(window=options["window"], stride=window_stride(options["window"]))
     elif options["mode"] == "center_crop":
         summary["window"] = options["window"]
@@ -153,9 +152,7 @@ def write_report(cfg: Config, run_dir: Path, results: dict, timeline: list[dict]
     if not partial:
         report["selection"] = _selection_summary(cfg, results, run_dir)
         report["pictures"] = _pictures(cfg, results, run_dir, names, final_name, image_paths or {})
-    tmp = run_dir / "report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2, default=str))
-    os.replace(tmp, run_dir / "report.json")
+    write_json_atomic(run_dir / "report.json", report)
     (run_dir / "report.md").write_text(render_markdown(report))
     return report
 

@@ -1,6 +1,6 @@
 """Sweeps without Ray: the search space, which stages trials can share, results and their table.
 
-`tune_ray.py` runs the trials on Ray Tune; everything here is plain data in, data out.
+`cluster/tune.py` runs the trials on Ray Tune; everything here is plain data in, data out.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, SweepConfig, config_from_dict, set_dotted
-from .pipeline import LABEL_KEYS, TEACHER_KEYS
+from ..config import ConfigError, SweepConfig, config_from_dict, set_dotted
+from ..methods import get_method
+from ..methods.self_training import LABEL_KEYS, TEACHER_KEYS
 
 R_KEY = "selection.reliable_fraction"
 K_KEY = "selection.num_checkpoints"
@@ -76,7 +77,7 @@ def check_space(raw: dict, sweep: SweepConfig) -> None:
                 raise SweepError(str(err)) from None
     method = raw.get("method", "stpp")
     swept = set(sweep.params)
-    if method != "stpp" and swept & {R_KEY, K_KEY} and "method" not in swept:
+    if not get_method(method).selects_reliable and swept & {R_KEY, K_KEY} and "method" not in swept:
         raise SweepError(f"sweep.params: R and K only matter for method stpp (this config's method is {method!r})")
 
 

@@ -1,10 +1,12 @@
-"""What several tests need: seeded stand-in checkpoints, random images, and running a
-function on two gloo workers."""
+"""What several tests need: the smoke config, seeded stand-in checkpoints, random images,
+an injected worker fault, and running a function on two gloo workers. Tests import these
+(and `tests.helpers.layout_data`, generated datasets in the real layouts) from here only."""
 
 from __future__ import annotations
 
 import os
 import socket
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -14,7 +16,28 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 
-from stpp_ray.checkpoints import build_from_architecture, save_weights
+from stpp_ray.weights import build_from_architecture, save_weights
+
+SMOKE = str(Path(__file__).resolve().parents[2] / "jobs" / "smoke.yaml")
+
+
+def smoke_config(root, out, *overrides):
+    """The smoke config on the dataset at `root`, writing to `out`, with dotted overrides."""
+    from stpp_ray.config import load_config
+
+    return load_config(SMOKE, [f"data.root={root}", f"run.output_dir={out}", *overrides])
+
+
+@contextmanager
+def injected_fault(stage: str, epoch: int):
+    """Inside the block, one Train worker of `stage` exits once at `epoch` (`cluster.train.FAULT_ENV`)."""
+    from stpp_ray.cluster.train import FAULT_ENV
+
+    os.environ[FAULT_ENV] = f"{stage}:{epoch}"
+    try:
+        yield
+    finally:
+        del os.environ[FAULT_ENV]
 
 
 def write_checkpoints(directory: Path, epochs: Sequence[int], arch: dict,

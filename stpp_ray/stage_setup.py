@@ -1,23 +1,72 @@
-"""Everything one rank needs to train a stage, built from the config (no Ray here).
+"""What one training stage is (`StageSpec`) and everything one rank needs to train it (no Ray here).
 
 Ray Train workers and the benchmark's bare single-process loop build their model, data
-and optimiser through this one function, so the two measure exactly the same work.
+and optimiser through `setup_rank`, so the two measure exactly the same work.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 import torch
 
 from .config import Config
 from .datasets import Sample
-from .checkpoints import read_weights
-from .engine import EvalSet, GlobalBatchSampler, TrainItem, TrainSet, build_optimizer, collate_pairs, poly_scheduler
+from .evaluation import EvalSet, collate_pairs
+from .methods.base import PseudoLabels, StageTraining, plain_pseudo_items, teacher_training
+from .methods.online import OnlineMethod, UnlabeledSet
 from .models import build_model, convert_batchnorm_for_distributed, split_parameters
-from .online import EMA_METHODS, UnlabeledSet
+from .training import GlobalBatchSampler, TrainItem, TrainSet, build_optimizer, poly_scheduler, supervised_repeats
+from .weights import read_weights
+
+
+@dataclass
+class StageSpec:
+    """What one training stage trains on and where it writes (all paths absolute): the
+    Ray Train workers are told everything here, they guess nothing from names."""
+
+    name: str
+    stage_dir: str
+    fingerprint: str
+    labeled: list[list[str]]                    # [image_id, image_path, mask_path]
+    val: list[list[str]]                        # [image_id, image_path, mask_path]
+    method: str                                 # the method that built it (`methods.get_method`)
+    kind: str                                   # its kind, as the method defines it (`Method.training`)
+    epochs: int
+    pseudo: list[PseudoLabels] = field(default_factory=list)
+    checkpoint_epochs: list[int] = field(default_factory=list)
+    unlabeled: list[str] = field(default_factory=list)  # online methods: unlabeled image paths
+    init_weights: str = ""                      # weights to fine-tune (DMT's phases)
+    fault_epoch: int = 0                        # tests only: kill one worker once at this epoch
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StageSpec":
+        return cls(**{**d, "pseudo": [PseudoLabels(**p) for p in d["pseudo"]]})
+
+
+def build_train_items(spec: StageSpec, training: StageTraining | None = None, num_classes: int = 0) -> list[TrainItem]:
+    """Labeled items, then pseudo-labeled ones, as LiheYoung/ST-PlusPlus main.py and
+    dataset/semi.py: a supervised stage (no pseudo-labels, no unlabeled stream: the teachers)
+    lists a small labeled set twice (`supervised_repeats`); a student repeats the
+    labeled set ceil(|pseudo| / |L|) times to balance its pseudo-labeled images. The
+    pseudo-labels are read as `training` says (DMT keeps a curriculum of them)."""
+    labeled = [TrainItem(i, img, mask) for i, img, mask in spec.labeled]
+    if not spec.pseudo and not spec.unlabeled:
+        return labeled * supervised_repeats(len(labeled))
+    read = training.read_pseudo if training is not None else plain_pseudo_items
+    pseudo: list[TrainItem] = []
+    for source in spec.pseudo:
+        if source.image_paths:  # empty: a selection of no image (R * |U| < 1, or R = 1 for the unreliable part)
+            pseudo.extend(read(source, num_classes))
+    if pseudo and labeled:
+        repeat = -(-len(pseudo) // len(labeled))
+        labeled = labeled * repeat
+    return labeled + pseudo
 
 
 @dataclass
@@ -39,24 +88,17 @@ class RankTraining:
         return len(self.unlabeled_sampler if self.unlabeled_sampler is not None else self.sampler)
 
 
-def optimizer_settings(cfg: Config, dmt_phase: bool = False) -> tuple[float, float, float, float]:
-    """(lr, head lr multiplier, momentum, weight decay) of a stage's SGD: `train.*`, or in DMT's
-    phases (the stages that train on pseudo-label confidences) DMT's recipe `semi.dmt_*`."""
-    if dmt_phase:
-        return cfg.semi.dmt_lr, cfg.semi.dmt_head_lr_multiplier, cfg.train.momentum, cfg.semi.dmt_weight_decay
-    return cfg.train.lr, cfg.train.head_lr_multiplier, cfg.train.momentum, cfg.train.weight_decay
-
-
 def setup_rank(cfg: Config, items: Sequence[TrainItem], val_samples: Sequence[Sample], epochs: int,
-               rank: int = 0, world: int = 1, device: torch.device = torch.device("cpu"),
-               unlabeled_paths: Sequence[str] = (), init_weights: str = "",
-               with_confidence: bool = False) -> RankTraining:
+               rank: int = 0, world: int = 1, device: torch.device = torch.device("cpu"), *,
+               training: StageTraining | None = None, online: OnlineMethod | None = None,
+               unlabeled_paths: Sequence[str] = (), init_weights: str = "") -> RankTraining:
     """Model (DDP-wrapped when world > 1, so a process group must exist), loaders over this
     rank's share of each global batch, SGD with the poly schedule over `epochs`.
 
-    `unlabeled_paths`: the online methods' unlabeled images (an epoch is one pass over them).
-    `init_weights`: a weights file to start from (DMT's phases fine-tune). `with_confidence`:
-    the training set also yields pseudo-label confidences (DMT's loss weights)."""
+    `training`: the stage's optimiser settings and items (default: `train.*`, cross entropy).
+    `online` and `unlabeled_paths`: an online method and its unlabeled images (an epoch is
+    one pass over them). `init_weights`: a weights file to start from (DMT's phases)."""
+    training = training or teacher_training(cfg)
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     model = build_model(cfg.model.name, cfg.model.backbone, cfg.data.num_classes,
                         output_stride=cfg.model.output_stride, pretrained=cfg.model.pretrained,
@@ -68,22 +110,23 @@ def setup_rank(cfg: Config, items: Sequence[TrainItem], val_samples: Sequence[Sa
         model = convert_batchnorm_for_distributed(model, device.type)
     model = model.to(device).to(memory_format=torch.channels_last)
     ema = None
-    if unlabeled_paths and cfg.method in EMA_METHODS:
+    if unlabeled_paths and online is not None and online.ema:
         ema = copy.deepcopy(model).requires_grad_(False)  # same weights on every rank, updated identically
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     base_size = cfg.data.scale_base_size()
-    train_set = TrainSet(items, cfg.data.layout, cfg.data.crop_size, cfg.run.seed, with_confidence=with_confidence,
-                         base_size=base_size)
+    train_set = TrainSet(items, cfg.data.layout, cfg.data.crop_size, cfg.run.seed,
+                         with_confidence=training.with_confidence, base_size=base_size)
     sampler = GlobalBatchSampler(len(train_set), cfg.train.batch_size, rank, world, cfg.run.seed, with_epoch=True)
     loader = _train_loader(train_set, sampler, cfg, device)
     val_loader = torch.utils.data.DataLoader(EvalSet(list(val_samples)[rank::world], cfg.data.layout),
                                              batch_size=cfg.train.eval_batch_size, collate_fn=collate_pairs)
-    optimizer = build_optimizer(backbone_params, head_params, *optimizer_settings(cfg, dmt_phase=with_confidence))
+    optimizer = build_optimizer(backbone_params, head_params, training.lr, training.head_lr_multiplier,
+                                training.momentum, training.weight_decay)
     setup = RankTraining(model, train_set, sampler, loader, val_loader, optimizer, scheduler=None, ema=ema)
     if unlabeled_paths:
-        setup.unlabeled_set = UnlabeledSet(unlabeled_paths, cfg.method, cfg.data.crop_size, cfg.run.seed,
+        setup.unlabeled_set = UnlabeledSet(unlabeled_paths, online, cfg.data.crop_size, cfg.run.seed,
                                            cfg.semi.cutmix_prob, base_size=base_size)
         setup.unlabeled_sampler = GlobalBatchSampler(len(unlabeled_paths), cfg.unlabeled_batch_size(), rank, world,
                                                      cfg.run.seed, with_epoch=True)

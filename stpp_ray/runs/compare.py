@@ -14,13 +14,13 @@ import math
 import statistics
 from pathlib import Path
 
-from .config import METHODS, ONLINE_METHODS, Config, config_from_dict
-from .datasets import read_split
-from .engine import supervised_repeats
+from ..config import Config, config_from_dict
+from ..datasets import read_split
+from ..methods import get_method, names as method_names
+from ..training import supervised_repeats
 
-METHOD_LABELS = {"supervised": "SupOnly (teacher)", "st": "ST", "stpp": "ST++", "mean_teacher": "Mean Teacher",
-                 "u2pl": "U2PL (no contrastive term)", "dmt": "DMT", "unimatch": "UniMatch",
-                 "oracle": "Oracle (all labels)"}
+ORACLE = "oracle"
+ORACLE_LABEL = "Oracle (all labels)"
 
 
 def _variant(cfg: Config, source: str, **changes) -> Config:
@@ -51,13 +51,14 @@ def _total_wall(report: dict) -> float:
 def summarize(rows: list[dict]) -> list[dict]:
     """Mean, sample standard deviation, min and max of mIoU per method."""
     out = []
-    for method in METHOD_LABELS:
+    for method in (*method_names(), ORACLE):
         values = [r["miou"] for r in rows if r["method"] == method]
         if not values:
             continue
         walls = [r["wall_s"] for r in rows if r["method"] == method]
         out.append({
-            "method": method, "label": METHOD_LABELS[method], "seeds": len(values),
+            "method": method, "label": ORACLE_LABEL if method == ORACLE else get_method(method).label,
+            "seeds": len(values),
             "miou_mean": statistics.fmean(values),
             "miou_std": statistics.stdev(values) if len(values) > 1 else math.nan,
             "miou_min": min(values), "miou_max": max(values),
@@ -76,15 +77,16 @@ def render_table(summary: list[dict]) -> str:
 
 
 def run_compare(cfg: Config, seeds: list[int], out_dir: Path, oracle_split: str | None,
-                methods: tuple[str, ...] = METHODS) -> dict:
+                methods: tuple[str, ...] | None = None) -> dict:
     from .pipeline import Pipeline
 
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     for seed in seeds:
-        for method in methods:
-            run_dir = out_dir / (f"seed{seed}_{method}" if method in ONLINE_METHODS else f"seed{seed}")
+        for method in methods or method_names():
+            # The teacher-based methods share one directory per seed, hence one teacher.
+            run_dir = out_dir / (f"seed{seed}_{method}" if get_method(method).online else f"seed{seed}")
             run_cfg = _variant(cfg, f"compare seed {seed} {method}", method=method, run__seed=seed,
                                run__output_dir=str(run_dir))
             print(f"[compare] seed {seed}: {method}", flush=True)
@@ -99,7 +101,7 @@ def run_compare(cfg: Config, seeds: list[int], out_dir: Path, oracle_split: str 
                                run__output_dir=str(out_dir / f"seed{seed}_oracle"))
             print(f"[compare] seed {seed}: oracle ({epochs} epochs on {oracle_split})", flush=True)
             report = Pipeline(run_cfg).run()
-            rows.append({"seed": seed, "method": "oracle", "miou": report["final"]["miou"],
+            rows.append({"seed": seed, "method": ORACLE, "miou": report["final"]["miou"],
                          "teacher_miou": report["teacher"]["miou"], "wall_s": _total_wall(report)})
             _write(out_dir, cfg, rows, seeds)
     return _write(out_dir, cfg, rows, seeds)

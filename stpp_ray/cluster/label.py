@@ -20,9 +20,9 @@ import pyarrow as pa
 import ray
 import ray.data
 
-from .config import Config
-from .labeling import Labeler
-from .pseudo import SCHEMA, check_complete, read_table
+from ..config import Config
+from ..labeling import Labeler
+from ..pseudo_labels import SCHEMA, check_complete, read_table
 
 
 class ArrowLabeler(Labeler):

@@ -1,0 +1,332 @@
+"""Ray Train glue: one training stage as a `TorchTrainer` run.
+
+`train_loop_per_worker` is plain PyTorch around the training loops; the Ray calls are the
+context (rank, world size, device), `get_checkpoint` for resume and `report` for metrics
+and checkpoints. The worker is told its stage by a `StageSpec`: the method that built it
+and the kind, epochs, inputs and initial weights. The driver side is `fit_stage`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+import ray.train
+import ray.train.torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from ..config import Config
+from ..datasets import Sample
+from ..evaluation import evaluate
+from ..methods import get_method
+from ..methods.base import ONLINE
+from ..methods.online import cycle, train_online_epoch
+from ..stage_setup import RankTraining, StageSpec, build_train_items, setup_rank
+from ..training import sample_seed, train_one_epoch
+from ..weights import architecture, save_weights, unwrap
+
+FAULT_MARKER = ".fault_injected"
+# Tests only: "<stage>:<epoch>" makes one worker of that stage exit once, at that epoch.
+FAULT_ENV = "STPP_RAY_TEST_FAULT"
+
+
+def final_path(spec: StageSpec) -> Path:
+    """The stage's final weights (the method's result when it is the final stage)."""
+    return Path(spec.stage_dir) / "final.pt"
+
+
+def best_path(spec: StageSpec) -> Path:
+    """The weights of the epoch with the best validation mIoU."""
+    return Path(spec.stage_dir) / "best.pt"
+
+
+def checkpoint_path(spec: StageSpec, epoch: int) -> Path:
+    """The weights saved at one of `spec.checkpoint_epochs` (ST++'s K checkpoints)."""
+    return Path(spec.stage_dir) / "checkpoints" / f"epoch_{epoch:03d}.pt"
+
+
+def _device(cfg: Config) -> torch.device:
+    if cfg.ray.use_gpu:
+        return ray.train.torch.get_device()
+    return torch.device("cpu")
+
+
+def _write_metrics(stage_dir: Path, record: dict) -> None:
+    with open(stage_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(stage_dir: Path, last_epoch: int) -> None:
+    """Drop metric lines of epochs that will be trained again after a resume."""
+    path = stage_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["epoch"] <= last_epoch]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def _should_eval(epoch: int, epochs: int, interval: int) -> bool:
+    return epoch == epochs or (interval > 0 and epoch % interval == 0)
+
+
+class StageWorker:
+    """One rank's training of one stage: set-up, resume, epochs, validation, outputs."""
+
+    def __init__(self, cfg: Config, spec: StageSpec, rank: int, world: int):
+        self.cfg, self.spec, self.rank, self.world = cfg, spec, rank, world
+        self.stage_dir = Path(spec.stage_dir)
+        torch.set_num_threads(max(1, round(cfg.ray.cpus_per_worker)))
+        self.device = _device(cfg)
+        method = get_method(spec.method)
+        training = method.training(spec.kind, cfg)
+        self.online = method if spec.kind == ONLINE else None
+        val_samples = [Sample(i, Path(img), Path(mask)) for i, img, mask in spec.val]
+        self.setup: RankTraining = setup_rank(
+            cfg, build_train_items(spec, training, cfg.data.num_classes), val_samples, spec.epochs, rank, world,
+            self.device, training=training, online=self.online,
+            unlabeled_paths=spec.unlabeled if self.online else (), init_weights=spec.init_weights)
+        self.criterion = training.criterion
+        # Mean Teacher and U2PL are evaluated and saved through their EMA teacher, as U2PL's code.
+        self.kept = self.setup.ema if self.setup.ema is not None else self.setup.model
+        self.arch = architecture(cfg.model, cfg.data.num_classes)
+        self.start_epoch, self.best_miou = 0, -1.0
+
+    def resume(self) -> None:
+        """Load the latest reported checkpoint after a restart or rerun of the stage."""
+        checkpoint = ray.train.get_checkpoint()  # Ray: the latest reported checkpoint, or None
+        if checkpoint is None:
+            return
+        setup = self.setup
+        with checkpoint.as_directory() as ckpt_dir:
+            state = torch.load(Path(ckpt_dir) / "state.pt", map_location="cpu", weights_only=True)
+        unwrap(setup.model).load_state_dict(state["model"])
+        if setup.ema is not None:
+            setup.ema.load_state_dict(state["ema"])
+        setup.optimizer.load_state_dict(state["optimizer"])
+        setup.scheduler.load_state_dict(state["scheduler"])
+        self.start_epoch, self.best_miou = state["epoch"], state["best_miou"]
+        if self.rank == 0:
+            _say(f"[{self.spec.name}] resuming after epoch {self.start_epoch}/{self.spec.epochs}")
+
+    def announce(self) -> None:
+        cfg, spec, setup = self.cfg, self.spec, self.setup
+        self.stage_dir.mkdir(parents=True, exist_ok=True)
+        _truncate_metrics(self.stage_dir, self.start_epoch)
+        unlabeled = f" + {len(spec.unlabeled)} unlabeled (global batch {cfg.unlabeled_batch_size()})" if self.online else ""
+        _say(f"[{spec.name}] {len(setup.train_set)} training images{unlabeled}, {setup.steps_per_epoch()} steps/epoch, "
+             f"global batch {cfg.train.batch_size} = {self.world} x {cfg.train.batch_size // self.world}, "
+             f"device {self.device}")
+
+    def run(self) -> None:
+        self.resume()
+        if self.rank == 0:
+            self.announce()
+        writer = _tensorboard(self.stage_dir) if self.rank == 0 else None
+        for epoch in range(self.start_epoch + 1, self.spec.epochs + 1):
+            record = self.train_epoch(epoch)
+            if _should_eval(epoch, self.spec.epochs, self.cfg.train.eval_interval):
+                record.update(self.validate())
+            if self.rank == 0:
+                _save_epoch_outputs(self.spec, self.kept, self.arch, record)
+                self.best_miou = _save_best(self.spec, self.kept, self.arch, record, self.best_miou)
+                _log_epoch(writer, self.spec.name, record, self.spec.epochs)
+            self.report(epoch, {k: v for k, v in record.items() if k != "val_iou"})
+        if writer is not None:
+            writer.close()
+
+    def train_epoch(self, epoch: int) -> dict:
+        cfg, spec, setup = self.cfg, self.spec, self.setup
+        started_at = time.time()
+        setup.sampler.set_epoch(epoch)
+        setup.train_set.set_epoch(epoch)
+        # Dropout draws from the global RNG: seed it per (epoch, rank) so that a run resumed
+        # from a checkpoint repeats exactly what the uninterrupted run would have done.
+        torch.manual_seed(sample_seed(cfg.run.seed, epoch, 1_000_000_000 + self.rank))
+        self.maybe_fail(epoch)
+        if self.online is not None:
+            stats = self.train_online_epoch(epoch)
+        else:
+            stats = train_one_epoch(setup.model, setup.loader, setup.optimizer, setup.scheduler, self.device,
+                                    amp=cfg.train.amp, criterion=self.criterion)
+        record = {"stage": spec.name, "epoch": epoch, "loss": stats["loss"], "lr": stats["lr"],
+                  "images_per_s": stats["images_per_s"], "train_seconds": stats["seconds"], "started_at": started_at}
+        record.update({k: v for k, v in stats.items() if k.startswith("loss_")})
+        return record
+
+    def train_online_epoch(self, epoch: int) -> dict:
+        cfg, setup, epochs = self.cfg, self.setup, self.spec.epochs
+        setup.unlabeled_sampler.set_epoch(epoch)
+        setup.unlabeled_set.set_epoch(epoch)
+        steps = setup.steps_per_epoch()
+        return train_online_epoch(self.online.step, setup.model, setup.ema,
+                                  cycle(setup.loader, setup.sampler, setup.train_set, epoch), setup.unlabeled_loader,
+                                  setup.optimizer, setup.scheduler, self.device, cfg.semi, epoch=epoch, epochs=epochs,
+                                  steps_done=(epoch - 1) * steps, total_steps=epochs * steps,
+                                  warmup_steps=self.online.warmup_steps(cfg, steps), amp=cfg.train.amp)
+
+    def maybe_fail(self, epoch: int) -> None:
+        """Simulated crash of one worker process (tests only), a few seconds into the epoch as
+        in a real crash: Ray Train collects the previous epoch's report asynchronously, and a
+        process dying at once could lose it."""
+        if self.spec.fault_epoch == epoch and self.rank == self.world - 1 and not (self.stage_dir / FAULT_MARKER).exists():
+            time.sleep(5)
+            (self.stage_dir / FAULT_MARKER).write_text(str(time.time()))
+            os._exit(1)
+
+    def validate(self) -> dict:
+        cfg, setup = self.cfg, self.setup
+        eval_start = time.perf_counter()
+        eval_options = cfg.eval.options(cfg.data.crop_size)
+        cm = evaluate(self.kept, setup.val_loader, cfg.data.num_classes, self.device, **eval_options)
+        out = {"val_miou": cm.miou(), "val_iou": [None if v != v else float(v) for v in cm.iou()]}
+        if setup.ema is not None:
+            out["student_val_miou"] = evaluate(setup.model, setup.val_loader, cfg.data.num_classes, self.device,
+                                               **eval_options).miou()
+        out["eval_seconds"] = time.perf_counter() - eval_start
+        return out
+
+    def report(self, epoch: int, metrics: dict) -> None:
+        """Ray Train hears at checkpoint epochs only (every epoch's metrics are in metrics.jsonl)."""
+        if epoch % self.cfg.train.checkpoint_interval and epoch != self.spec.epochs:
+            return
+        if self.rank != 0:
+            ray.train.report(metrics)  # Ray: every rank reports at each checkpoint epoch
+            return
+        setup = self.setup
+        with tempfile.TemporaryDirectory() as tmp:
+            state = {"model": unwrap(setup.model).state_dict(), "optimizer": setup.optimizer.state_dict(),
+                     "scheduler": setup.scheduler.state_dict(), "epoch": epoch, "best_miou": self.best_miou}
+            if setup.ema is not None:
+                state["ema"] = setup.ema.state_dict()
+            torch.save(state, Path(tmp) / "state.pt")
+            # Ray: rank 0 reports the resumable state; Ray copies it to the run's storage.
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=f"epoch_{epoch:04d}")
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Runs on every Ray Train worker: plain PyTorch DDP training of one stage."""
+    ctx = ray.train.get_context()  # Ray: this worker's rank and the world size
+    StageWorker(Config.model_validate(loop_config["config"]), StageSpec.from_dict(loop_config["stage"]),
+                ctx.get_world_rank(), ctx.get_world_size()).run()
+
+
+def _save_epoch_outputs(spec: StageSpec, model, arch: dict, record: dict) -> None:
+    """The ST++ checkpoint of this epoch (if it is one), the final weights, the metrics line."""
+    epoch = record["epoch"]
+    if epoch in spec.checkpoint_epochs:
+        save_weights(checkpoint_path(spec, epoch), model, arch, epoch=epoch, stage=spec.name)
+    if epoch == spec.epochs:
+        save_weights(final_path(spec), model, arch, epoch=epoch, stage=spec.name, val_miou=record.get("val_miou"))
+    _write_metrics(Path(spec.stage_dir), record)
+
+
+def _save_best(spec: StageSpec, model, arch: dict, record: dict, best_miou: float) -> float:
+    miou = record.get("val_miou")
+    if miou is None or miou <= best_miou:
+        return best_miou
+    save_weights(best_path(spec), model, arch, epoch=record["epoch"], stage=spec.name, val_miou=miou)
+    return miou
+
+
+def _say(line: str) -> None:
+    """One progress line on the worker's stdout (Ray Train's patched print would log it twice)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _tensorboard(stage_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is a dependency, but logging must never stop training
+        return None
+    return SummaryWriter(log_dir=str(stage_dir / "tensorboard"))
+
+
+def _log_epoch(writer, stage: str, record: dict, epochs: int) -> None:
+    epoch = record["epoch"]
+    line = f"[{stage}] epoch {epoch}/{epochs} loss {record['loss']:.4f} {record['images_per_s']:.1f} img/s"
+    if "val_miou" in record:
+        line += f" val mIoU {100 * record['val_miou']:.2f}"
+    _say(line)
+    if writer is not None:
+        for key in ("loss", "lr", "images_per_s", "val_miou"):
+            if key in record:
+                writer.add_scalar(f"{stage}/{key}", record[key], epoch)
+        writer.flush()
+
+
+def _injected_fault_epoch(stage: str) -> int:
+    stage_name, _, epoch = os.environ.get(FAULT_ENV, "").partition(":")
+    return int(epoch) if stage_name == stage and epoch else 0
+
+
+def fit_stage(cfg: Config, spec: StageSpec, storage_path: Path, callbacks: list | None = None) -> dict:
+    """Run one training stage on Ray Train; rerunning resumes from its last checkpoint.
+    Returns its summary (`summarize_stage`) and the paths of its weight files.
+
+    `callbacks`: Ray Train user callbacks, e.g. Tune's `TuneReportCallback` inside a sweep trial."""
+    # Ray Train's controller polls its workers every 2 s by default, so every run ends up to
+    # 2 s after its last epoch; 0.5 s costs a few more tiny calls. A value set by the user wins.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    spec = replace(spec, fault_epoch=_injected_fault_epoch(spec.name))
+    resources = {"CPU": cfg.ray.cpus_per_worker}
+    if cfg.ray.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.model_dump(), "stage": spec.to_dict()},
+        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+                                     resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
+        run_config=RunConfig(
+            # The fingerprint in the name keeps a changed config from resuming stale state.
+            name=f"{spec.name}-{spec.fingerprint}",
+            storage_path=str(storage_path.resolve()),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=list(callbacks or []),
+        ),
+    )
+    called = time.time()
+    trainer.fit()
+    return {**summarize_stage(Path(spec.stage_dir), time.time() - called, called),
+            "planned_epochs": spec.epochs, "final_checkpoint": str(final_path(spec)),
+            "best_checkpoint": str(best_path(spec)),
+            "checkpoints": [str(checkpoint_path(spec, e)) for e in spec.checkpoint_epochs]}
+
+
+def summarize_stage(stage_dir: Path, wall_s: float, called_at: float | None = None) -> dict:
+    """Final metrics of a finished stage from its metrics.jsonl. With `called_at` (when
+    `fit()` was called), also where this call's wall time went: `compute_s` (the epochs'
+    training and validation), `startup_s` (until the first epoch began), `teardown_s` (after
+    the last epoch's work until `fit()` returned); the rest went to checkpoint reports and
+    file writes between epochs."""
+    records = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines() if line]
+    evals = [r for r in records if "val_miou" in r]
+    last = evals[-1] if evals else {}
+    images = sum(r["images_per_s"] * r["train_seconds"] for r in records)
+    seconds = sum(r["train_seconds"] for r in records)
+    summary = {
+        "wall_s": wall_s,
+        "epochs": len(records),
+        "miou": last.get("val_miou"),
+        "per_class_iou": last.get("val_iou"),
+        "best_miou": max((r["val_miou"] for r in evals), default=None),
+        "train_images_per_s": images / seconds if seconds else None,
+    }
+    this_call = [r for r in records if called_at is not None and r.get("started_at", 0.0) >= called_at]
+    if this_call:
+        work = [r["train_seconds"] + r.get("eval_seconds", 0.0) for r in this_call]
+        summary["compute_s"] = sum(work)
+        summary["startup_s"] = this_call[0]["started_at"] - called_at
+        summary["teardown_s"] = called_at + wall_s - (this_call[-1]["started_at"] + work[-1])
+    return summary

@@ -1,0 +1,249 @@
+"""Running a method's stage graph in a run directory, with its manifest.
+
+The method builds its stages (`methods.get_method(cfg.method).stages`) from the
+`StageBuilder` this pipeline is: the data check, Ray Train stages, Ray Data labeling
+passes and ST++'s selection. Stages already done with the same fingerprint are reused
+(`manifest.py`); training stages resume inside the stage from Ray Train's last checkpoint.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from ..config import Config
+from ..datasets import Sample, build_samples, check_disjoint, check_samples, read_split, resolve_path
+from ..demo_data import ensure_demo_dataset
+from ..files import locked, write_json_atomic
+from ..methods import get_method
+from ..methods.base import PseudoLabels, Stage, derive_fingerprint
+from ..methods.self_training import shared_fingerprint
+from ..selection import select_reliable, selection_to_json
+from .manifest import Manifest
+
+
+class Pipeline:
+    """Builds and runs the stage graph of `cfg.method` in `cfg.run.output_dir`."""
+
+    def __init__(self, cfg: Config, shared_root: Path | None = None, train_callbacks: Callable[[], list] | None = None):
+        """`shared_root` (sweeps): the shared stages live in `shared_root/<shared fingerprint>`,
+        reused by every run with the same teacher config. `train_callbacks` makes the Ray Train
+        callbacks of each training stage that is not shared (a sweep's Tune reporting)."""
+        self.cfg = cfg
+        self.method = get_method(cfg.method)
+        self.run_dir = Path(cfg.run.output_dir).resolve()
+        self.root = Path(cfg.data.root).resolve()
+        self.shared_dir = Path(shared_root).resolve() / shared_fingerprint(cfg) if shared_root else self.run_dir
+        self.train_callbacks = train_callbacks
+        self.manifest = Manifest(self.run_dir / "manifest.json")
+        self.shared_manifest = Manifest(self.shared_dir / "manifest.json") if shared_root else self.manifest
+        self.results: dict[str, dict] = {}
+
+    def _shared_lock(self) -> Path | None:
+        """The lock file of the shared stages when they live outside this run (sweeps)."""
+        return self.shared_dir.with_suffix(".lock") if self.shared_dir != self.run_dir else None
+
+    def home(self, stage: str) -> Path:
+        """Directory holding a stage's outputs."""
+        return self.shared_dir if stage in self.method.shared_stages else self.run_dir
+
+    # ---- data -----------------------------------------------------------------
+    def _samples(self, role: str, split: str, with_masks: bool) -> list[Sample]:
+        d = self.cfg.data
+        if d.max_images:
+            # data.max_images: the first N ids, written to the run directory so that only
+            # their files need to exist and the run records which images it used.
+            entries = read_split(self.root, split)[:d.max_images]
+            subset = self.run_dir / "subset_splits" / f"{role}.txt"
+            subset.parent.mkdir(parents=True, exist_ok=True)
+            subset.write_text(f"# the first {len(entries)} ids of {split} (data.max_images={d.max_images})\n"
+                              + "".join(e + "\n" for e in entries))
+            split = str(subset)
+        return build_samples(d.layout, self.root, split, with_masks=with_masks)
+
+    def prepare_data(self) -> None:
+        cfg, d = self.cfg, self.cfg.data
+        if d.demo:
+            ensure_demo_dataset(self.root, seed=d.demo_seed, num_train=d.demo_num_train,
+                                num_val=d.demo_num_val, image_size=d.demo_image_size)
+        self.labeled = self._samples("labeled", d.labeled_split, with_masks=True)
+        self.val = self._samples("val", d.val_split, with_masks=True)
+        self.unlabeled: list[Sample] = []
+        if self.method.uses_unlabeled:
+            self.unlabeled = self._samples("unlabeled", d.unlabeled_split, with_masks=False)
+            check_disjoint([s.image_id for s in self.labeled], [s.image_id for s in self.unlabeled],
+                           [s.image_id for s in self.val])
+        if cfg.model.pretrained not in ("none", "imagenet"):
+            from ..models import build_backbone
+            # Fail here, naming the file, rather than inside every Train worker.
+            build_backbone(cfg.model.backbone, cfg.model.output_stride, cfg.model.pretrained)
+        if self.method.online and len(self.unlabeled) < cfg.unlabeled_batch_size():
+            raise ValueError(f"{resolve_path(self.root, d.unlabeled_split)}: {len(self.unlabeled)} unlabeled images are "
+                             f"fewer than one global unlabeled batch ({cfg.unlabeled_batch_size()})")
+        if len(self.labeled) < cfg.train.batch_size:
+            raise ValueError(f"{resolve_path(self.root, d.labeled_split)}: {len(self.labeled)} labeled images "
+                             f"are fewer than one global batch (train.batch_size={cfg.train.batch_size})"
+                             + (f" with data.max_images={d.max_images}" if d.max_images else ""))
+
+    # ---- the StageBuilder a method builds its graph with ------------------------------------
+    def data(self) -> Stage:
+        fp = derive_fingerprint(self.cfg.fingerprint("data"), "with_unlabeled" if self.unlabeled else "labeled_only")
+
+        def run() -> dict:
+            start = time.perf_counter()
+            if self.cfg.data.check_images:
+                for samples in (self.labeled, self.val, self.unlabeled):
+                    check_samples(samples, self.cfg.data.num_classes, self.cfg.data.layout)
+            return {"wall_s": time.perf_counter() - start, "labeled": len(self.labeled),
+                    "unlabeled": len(self.unlabeled), "val": len(self.val)}
+
+        return Stage("check_data", fp, run)
+
+    def unlabeled_ids(self) -> list[str]:
+        return [s.image_id for s in self.unlabeled]
+
+    def result(self, stage: str) -> dict:
+        return self.results[stage]
+
+    def pseudo_labels(self, label_stage: str, image_ids: Sequence[str]) -> PseudoLabels:
+        paths = {s.image_id: str(s.image_path) for s in self.unlabeled}
+        return PseudoLabels(self.results[label_stage]["parquet_dir"], {i: paths[i] for i in image_ids})
+
+    def train(self, name: str, fingerprint: str, *, kind: str, epochs: int, checkpoint_epochs: Sequence[int],
+              pseudo: Callable[[], list[PseudoLabels]] = list, cfg: Config | None = None, init_from: str = "",
+              unlabeled: bool = False) -> Stage:
+        from ..cluster.train import fit_stage
+        from ..stage_setup import StageSpec
+
+        cfg = cfg or self.cfg
+
+        def run() -> dict:
+            home = self.home(name)
+            stage_dir = _fresh_stage_dir(home / name, fingerprint)
+            rows = lambda samples: [[s.image_id, str(s.image_path), str(s.mask_path)] for s in samples]  # noqa: E731
+            spec = StageSpec(name=name, stage_dir=str(stage_dir), fingerprint=fingerprint, labeled=rows(self.labeled),
+                             val=rows(self.val), method=cfg.method, kind=kind, epochs=epochs, pseudo=pseudo(),
+                             checkpoint_epochs=list(checkpoint_epochs),
+                             unlabeled=[str(s.image_path) for s in self.unlabeled] if unlabeled else [],
+                             init_weights=self.results[init_from]["final_checkpoint"] if init_from else "")
+            callbacks = self.train_callbacks() if self.train_callbacks and name not in self.method.shared_stages else []
+            return fit_stage(cfg, spec, home / "ray_train", callbacks=callbacks)
+
+        return Stage(name, fingerprint, run)
+
+    def label(self, name: str, fingerprint: str, model_stage: str, image_ids: Callable[[], list[str]],
+              scoring: bool) -> Stage:
+        from ..cluster.label import run_labeling
+        from ..weights import architecture
+
+        def run() -> dict:
+            trained = self.results[model_stage]
+            label_ckpt = trained["best_checkpoint" if self.cfg.label.teacher == "best" else "final_checkpoint"]
+            ckpts = trained["checkpoints"] if scoring else [label_ckpt]
+            if scoring and self.cfg.label.teacher == "final":
+                # The last scoring checkpoint is the final epoch's weights, saved twice: naming
+                # it lets the Labeler reuse its forward pass for the pseudo-labels.
+                label_ckpt = ckpts[-1]
+            wanted = set(image_ids())
+            samples = [s for s in self.unlabeled if s.image_id in wanted]
+            out = self.home(name) / "pseudo_labels" / name.removeprefix("label_")
+            if not samples:  # e.g. R = 1 leaves no unreliable image for student1 to label
+                print(f"[{name}] no images to label", flush=True)
+                return {"images": 0, "wall_s": 0.0, "images_per_s": None, "parquet_dir": str(out)}
+            print(f"[{name}] labeling {len(samples)} images with {model_stage} "
+                  f"({len(ckpts)} checkpoint(s) scored, TTA {'on' if self.cfg.label.tta else 'off'})", flush=True)
+            stats = run_labeling(self.cfg, [(s.image_id, str(s.image_path)) for s in samples], ckpts, label_ckpt,
+                                 out, architecture(self.cfg.model, self.cfg.data.num_classes))
+            print(f"[{name}] {stats['images']} images in {stats['wall_s']:.1f} s "
+                  f"({stats['images_per_s']:.1f} img/s) -> {out}", flush=True)
+            return {**stats, "parquet_dir": str(out)}
+
+        return Stage(name, fingerprint, run)
+
+    def select(self, fingerprint: str, label_stage: str) -> Stage:
+        from ..pseudo_labels import scores
+
+        def run() -> dict:
+            start = time.perf_counter()
+            # The score of this K from the stored per-checkpoint IoUs (the teacher may have saved more).
+            sel = select_reliable(scores(self.results[label_stage]["parquet_dir"], self.cfg.checkpoint_epochs()),
+                                  self.cfg.selection.reliable_fraction)
+            path = self.run_dir / "selection.json"
+            write_json_atomic(path, selection_to_json(sel))
+            return {"wall_s": time.perf_counter() - start, "reliable": sel.reliable, "unreliable": sel.unreliable,
+                    "path": str(path)}
+
+        return Stage("select", fingerprint, run)
+
+    # ---- running ------------------------------------------------------------------------
+    def stages(self) -> list[Stage]:
+        return self.method.stages(self.cfg, self)
+
+    def run(self) -> dict:
+        from .report import write_report
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.prepare_data()
+        timeline: list[dict] = []
+        stages = self.stages()
+        shared = self.method.shared_stages
+        with locked(self._shared_lock()):
+            for stage in stages:
+                if stage.name in shared:
+                    self._run_stage(stage, self.shared_manifest, timeline)
+        for stage in stages:
+            if stage.name not in shared:
+                self._run_stage(stage, self.manifest, timeline)
+        return write_report(self.cfg, self.run_dir, self.results, timeline, partial=False,
+                            image_paths={s.image_id: str(s.image_path) for s in self.unlabeled})
+
+    def run_shared(self) -> dict[str, dict]:
+        """Only the shared stages (a sweep's driver runs them before any trial)."""
+        self.shared_dir.mkdir(parents=True, exist_ok=True)
+        self.prepare_data()
+        timeline: list[dict] = []
+        with locked(self._shared_lock()):
+            for stage in self.stages():
+                if stage.name in self.method.shared_stages:
+                    self._run_stage(stage, self.shared_manifest, timeline, report=False)
+        return {entry["name"]: entry for entry in timeline}
+
+    def _run_stage(self, stage: Stage, manifest: Manifest, timeline: list[dict], report: bool = True) -> None:
+        from .report import write_report
+
+        previous = manifest.done(stage)
+        if previous is not None:
+            print(f"[pipeline] stage '{stage.name}' already done: reusing its outputs", flush=True)
+            self.results[stage.name] = previous
+            timeline.append({"name": stage.name, "reused": True, **_brief(previous)})
+            return
+        if stage.name != "check_data":
+            from ..cluster.session import init_ray
+            init_ray(self.cfg)
+        print(f"[pipeline] stage '{stage.name}' starting", flush=True)
+        start = time.perf_counter()
+        result = stage.run()
+        result.setdefault("wall_s", time.perf_counter() - start)
+        self.results[stage.name] = result
+        manifest.record(stage, result)
+        timeline.append({"name": stage.name, "reused": False, **_brief(result)})
+        if report:
+            write_report(self.cfg, self.run_dir, self.results, timeline, partial=True)
+
+
+def _fresh_stage_dir(stage_dir: Path, fingerprint: str) -> Path:
+    """The stage's directory, emptied if it holds the outputs of another config (never mixed)."""
+    marker = stage_dir / ".fingerprint"
+    if stage_dir.exists() and (not marker.exists() or marker.read_text() != fingerprint):
+        shutil.rmtree(stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(fingerprint)
+    return stage_dir
+
+
+def _brief(result: dict) -> dict:
+    keys = ("wall_s", "miou", "best_miou", "images", "images_per_s", "train_images_per_s", "epochs",
+            "compute_s", "startup_s", "teardown_s")
+    return {k: result[k] for k in keys if k in result}
