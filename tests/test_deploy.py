@@ -342,3 +342,12 @@ def test_kuberay_network_policies_keep_the_job_api_to_the_cluster_the_submitter_
     for src in [submitter, *operators]:
         assert ingress_allowed(policies, src, head, 8265), src
         assert not any(ingress_allowed(policies, src, w, 8265) for w in workers), src
+
+
+def test_every_code_folder_of_the_package_ships_in_a_wheel():
+    """pyproject's `packages.find` takes only folders with an `__init__.py`: a code folder
+    without one still imports from a checkout or an editable install, but is missing from
+    `pip install .`, the Dockerfile's install. (`splits/` holds data and its conversion script.)"""
+    root = Path(__file__).resolve().parents[1] / "stpp_ray"
+    folders = {p.parent for p in root.rglob("*.py")} - {root / "splits"}
+    assert {f.relative_to(root).as_posix() for f in folders if not (f / "__init__.py").exists()} == set()
