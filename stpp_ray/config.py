@@ -200,7 +200,12 @@ class SemiConfig(_Section):
     unlabeled_batch_size: int = Field(
         0, ge=0, description="Online methods: global unlabeled batch per step (0 = `train.batch_size`, as UniMatch's equal batches).",
     )
-    ema_decay: float = Field(0.99, ge=0, le=1, description="Mean Teacher / U2PL: EMA decay of the teacher (reached after a 1 - 1/(step+1) warm-up).")
+    ema_decay: float = Field(
+        0.99, ge=0, le=1, description="U2PL: EMA decay of the teacher, reached after a min(1 - 1/(k+1)) warm-up from "
+        "the first semi-supervised step (U2PL's net.ema_decay: 0.99).")
+    mean_teacher_ema_decay: float = Field(
+        0.999, ge=0, le=1, description="Mean Teacher: EMA decay of the teacher, min(1 - 1/(k+1), decay) at its k-th "
+        "update from k = 1, so 0.5 first (CuriousAI/mean-teacher pytorch/main.py, --ema-decay 0.999).")
     consistency_weight: float = Field(1.0, ge=0, description="Mean Teacher: weight of the softmax squared-error consistency loss.")
     rampup_fraction: float = Field(
         0.3, ge=0, le=1, description="Mean Teacher: sigmoid ramp-up exp(-5(1-t)^2) of the consistency weight over this fraction of all steps."
@@ -210,6 +215,26 @@ class SemiConfig(_Section):
         20.0, ge=0, le=100, description="U2PL: percent of highest-entropy pixels left out at the start, alpha_t = alpha_0 (1 - t/T)."
     )
     u2pl_warmup_epochs: int = Field(1, ge=0, description="U2PL: supervised-only epochs at the start (U2PL's sup_only_epoch); the teacher copies the student.")
+    # U2PL's contrastive term: Haochen-Wang409/U2PL experiments/pascal/1464/ours/config.yaml
+    # (trainer.contrastive) and train_semi.py (the queue sizes).
+    u2pl_contrastive: bool = Field(
+        True, description="U2PL: the pixel-level contrastive term with unreliable pixels as negatives (a projection head "
+        "and per-class memory banks); false = its ablation, the pseudo-label loss alone.")
+    u2pl_contrastive_weight: float = Field(1.0, ge=0, description="U2PL: lambda_c, the contrastive term's weight (loss_weight: 1).")
+    u2pl_temperature: float = Field(0.5, gt=0, description="U2PL: InfoNCE temperature (0.5).")
+    u2pl_num_queries: int = Field(256, ge=1, description="U2PL: anchor pixels drawn per class and step (256).")
+    u2pl_num_negatives: int = Field(50, ge=1, description="U2PL: negatives drawn from the class's memory bank per anchor (50).")
+    u2pl_low_rank: int = Field(
+        3, ge=1, description="U2PL: r_l; a labeled pixel is a negative of class c when c is among its top r_l predictions "
+        "(and not its label), an unreliable unlabeled pixel when c ranks in [r_l, r_h) (3).")
+    u2pl_high_rank: int = Field(20, ge=2, description="U2PL: r_h, clipped to the number of classes (20).")
+    u2pl_positive_threshold: float = Field(0.3, ge=0, le=1, description="U2PL: delta_p, the teacher probability of its class an anchor needs (0.3).")
+    u2pl_negative_threshold: float = Field(1.0, ge=0, le=1, description="U2PL: delta_n, the teacher probability of the class a negative must stay under (1).")
+    u2pl_entropy_percent: float = Field(
+        20.0, ge=0, le=100, description="U2PL: alpha_0 of the anchors and negatives: the alpha_t % lowest-entropy unlabeled "
+        "pixels may be anchors, the alpha_t % highest negatives; alpha_t = alpha_0 (1 - t/T) (low_entropy_threshold: 20).")
+    u2pl_queue_size: int = Field(30000, ge=1, description="U2PL: memory-bank size of each class but the first, in feature vectors (30000).")
+    u2pl_first_queue_size: int = Field(50000, ge=1, description="U2PL: memory-bank size of class 0, the background in VOC (50000).")
     confidence_threshold: float = Field(0.95, ge=0, le=1, description="UniMatch: pseudo-label confidence threshold.")
     feature_dropout: float = Field(0.5, ge=0, lt=1, description="UniMatch: channel dropout on the encoder features (feature perturbation).")
     cutmix_prob: float = Field(0.5, ge=0, le=1, description="UniMatch and U2PL: probability of a CutMix box per strong view.")

@@ -287,7 +287,7 @@ class DeepLabV3Plus(nn.Module):
     `head`: `stpp` or `unimatch`, the decoder as that reference builds it (HEAD_DROPOUT)."""
 
     def __init__(self, backbone: nn.Module, num_classes: int, output_stride: int = 16, channels: int = 256,
-                 head: str = "stpp"):
+                 head: str = "stpp", projection_channels: int = 0):
         super().__init__()
         if head not in HEAD_DROPOUT:
             raise ValueError(f"unknown head {head!r}; choices: {', '.join(HEADS)}")
@@ -302,11 +302,24 @@ class DeepLabV3Plus(nn.Module):
         self.fuse = nn.Sequential(*fuse)
         self.classifier = nn.Conv2d(channels, num_classes, 1)
         _init_head([self.aspp, self.reduce, self.fuse, self.classifier])
+        self.projection = None
+        if projection_channels:
+            # U2PL's representation head (u2pl/models/decoder.py): beside the classifier's convs,
+            # on the same low-level + ASPP features. Built last: the other layers' draws stay.
+            self.projection = nn.Sequential(_conv_bn_relu(48 + channels, channels, 3), nn.Dropout2d(0.1),
+                                            _conv_bn_relu(channels, channels, 3), nn.Dropout2d(0.1),
+                                            nn.Conv2d(channels, projection_channels, 1))
+            _init_head([self.projection])
 
-    def forward(self, x: torch.Tensor, feature_dropout: float | None = None):
+    def forward(self, x: torch.Tensor, feature_dropout: float | None = None, projection: bool = False):
         """Logits; with `feature_dropout` (UniMatch's feature perturbation) the pair (logits,
-        logits of the same backbone features after channel dropout with that probability)."""
+        logits of the same backbone features after channel dropout with that probability);
+        with `projection` (U2PL) the triple (logits, logits at the feature resolution, the
+        projection head's features)."""
         low, high = self.backbone(x)
+        if projection:
+            features, small = self._features(low, high)
+            return _upsample(small, x.shape[-2:]), small, self.projection(features)
         if feature_dropout is not None:
             b = x.shape[0]
             low = torch.cat([low, F.dropout2d(low, feature_dropout, training=True)])
@@ -314,10 +327,14 @@ class DeepLabV3Plus(nn.Module):
             return self._decode(low, high, x.shape[-2:]).split([b, b])
         return self._decode(low, high, x.shape[-2:])
 
-    def _decode(self, low: torch.Tensor, high: torch.Tensor, size) -> torch.Tensor:
+    def _features(self, low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(low-level + ASPP features, logits at their resolution)."""
         y = _upsample(self.aspp(high), low.shape[-2:])
-        y = self.fuse(torch.cat([self.reduce(low), y], dim=1))  # low-level first, as the references
-        return _upsample(self.classifier(y), size)
+        features = torch.cat([self.reduce(low), y], dim=1)  # low-level first, as the references
+        return features, self.classifier(self.fuse(features))
+
+    def _decode(self, low: torch.Tensor, high: torch.Tensor, size) -> torch.Tensor:
+        return _upsample(self._features(low, high)[1], size)
 
 
 def _init_head(modules: list[nn.Module]) -> None:
@@ -344,6 +361,7 @@ def build_model(
     pretrained: str = "none",
     aspp_channels: int = 256,
     head: str = "stpp",
+    projection_channels: int = 0,
 ) -> nn.Module:
     """Segmentation model; forward(B x 3 x H x W) -> logits B x num_classes x H x W.
 
@@ -355,7 +373,8 @@ def build_model(
     if head not in HEAD_DROPOUT:
         raise ValueError(f"unknown head {head!r}; choices: {', '.join(HEADS)}")
     trunk = build_backbone(backbone, output_stride, pretrained)
-    return _BUILDERS[name](trunk, num_classes, output_stride=output_stride, channels=aspp_channels, head=head)
+    return _BUILDERS[name](trunk, num_classes, output_stride=output_stride, channels=aspp_channels, head=head,
+                           projection_channels=projection_channels)
 
 
 def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

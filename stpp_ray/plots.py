@@ -202,6 +202,25 @@ def per_class_iou_chart(class_names: Sequence[str], series: dict[str, Sequence[f
     return _save(fig, path)
 
 
+def method_bar_chart(labels: Sequence[str], means: Sequence[float], stds: Sequence[float], out_png,
+                     title: str = "") -> Path:
+    """One bar per method: mean mIoU (%) with a ± one standard deviation error bar (none for NaN)."""
+    path = _prepare(out_png)
+    y = np.arange(len(labels), dtype=np.float64)
+    err = [0.0 if s is None or math.isnan(s) else 100 * s for s in stds]
+    fig, ax = plt.subplots(figsize=(7.0, 0.45 * len(labels) + 1.2))
+    ax.barh(y, [100 * m for m in means], xerr=err, capsize=3, color="#4c72b0")
+    for yi, m in zip(y, means):
+        ax.text(100 * m + 0.5, yi, f"{100 * m:.1f}", va="center", fontsize=8)
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("val mIoU (%)")
+    ax.set_title(title or "mIoU per method")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def sweep_heatmap(r_values: Sequence[float], k_values: Sequence[int], cells: Sequence[Sequence[float | None]],
                   out_png, *, title: str = "val mIoU (%) over R and K") -> Path:
     """Heat map of a metric over (R, K): rows K, columns R; cells without a result are blank."""

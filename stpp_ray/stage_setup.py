@@ -102,7 +102,8 @@ def setup_rank(cfg: Config, items: Sequence[TrainItem], val_samples: Sequence[Sa
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     model = build_model(cfg.model.name, cfg.model.backbone, cfg.data.num_classes,
                         output_stride=cfg.model.output_stride, pretrained=cfg.model.pretrained,
-                        aspp_channels=cfg.model.aspp_channels, head=cfg.model.resolved_head())
+                        aspp_channels=cfg.model.aspp_channels, head=cfg.model.resolved_head(),
+                        projection_channels=online.projection_channels(cfg) if online is not None else 0)
     if init_weights:
         model.load_state_dict(read_weights(init_weights)["model"])
     backbone_params, head_params = split_parameters(model)

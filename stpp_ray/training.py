@@ -192,7 +192,7 @@ def train_one_epoch(model, loader: Iterable, optimizer, scheduler, device: torch
     world = dist.get_world_size() if is_distributed() else 1
     loss_total = torch.zeros((), dtype=torch.float64)
     pixels_total = torch.zeros((), dtype=torch.float64)
-    images = 0
+    images = steps = 0
     start = time.perf_counter()
     for image, mask, *extras in loader:
         image = image.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
@@ -211,12 +211,14 @@ def train_one_epoch(model, loader: Iterable, optimizer, scheduler, device: torch
         loss_total += loss_sum.detach().double().cpu()
         pixels_total += count.detach().double().cpu()
         images += image.shape[0]
+        steps += 1
     seconds = time.perf_counter() - start
     stats = torch.stack([loss_total, pixels_total, torch.tensor(float(images), dtype=torch.float64)])
     stats = global_sum(stats.to(device)).cpu()
     return {
         "loss": float(stats[0] / stats[1].clamp_min(1.0)),
         "images": int(stats[2]),
+        "steps": steps,
         "seconds": seconds,
         "images_per_s": float(stats[2]) / seconds if seconds > 0 else math.nan,
         "lr": optimizer.param_groups[0]["lr"],

@@ -14,17 +14,18 @@ import torch
 
 from .models import build_model
 
-ARCH_KEYS = ("name", "backbone", "output_stride", "aspp_channels", "num_classes", "head")
+ARCH_KEYS = ("name", "backbone", "output_stride", "aspp_channels", "num_classes", "head", "projection_channels")
 # Keys an architecture record may lack (files and records written before the key existed).
-ARCH_DEFAULTS = {"head": "stpp"}
+ARCH_DEFAULTS = {"head": "stpp", "projection_channels": 0}
 
 
 class CheckpointError(ValueError):
     """A weight file that cannot be used; the message names the file."""
 
 
-def architecture(model_cfg, num_classes: int) -> dict[str, Any]:
-    """The fields that rebuild a model (shape and head), as stored in every weight file."""
+def architecture(model_cfg, num_classes: int, projection_channels: int = 0) -> dict[str, Any]:
+    """The fields that rebuild a model (shape and head), as stored in every weight file;
+    `projection_channels`: U2PL's projection head (`Method.projection_channels`)."""
     return {
         "name": model_cfg.name,
         "backbone": model_cfg.backbone,
@@ -32,6 +33,7 @@ def architecture(model_cfg, num_classes: int) -> dict[str, Any]:
         "aspp_channels": model_cfg.aspp_channels,
         "num_classes": num_classes,
         "head": model_cfg.resolved_head(),
+        "projection_channels": projection_channels,
     }
 
 
@@ -39,7 +41,8 @@ def build_from_architecture(arch: dict) -> torch.nn.Module:
     """A freshly initialised model as an architecture record describes it."""
     arch = {**ARCH_DEFAULTS, **arch}
     return build_model(arch["name"], arch["backbone"], arch["num_classes"], output_stride=arch["output_stride"],
-                       aspp_channels=arch["aspp_channels"], head=arch["head"])
+                       aspp_channels=arch["aspp_channels"], head=arch["head"],
+                       projection_channels=arch["projection_channels"])
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -15,8 +15,28 @@ def test_summary_statistics_per_method():
     assert (summary["stpp"]["miou_min"], summary["stpp"]["miou_max"]) == (0.40, 0.44)
     assert math.isnan(summary["supervised"]["miou_std"])  # one seed: no spread
     table = render_table(summarize(rows))
-    assert "| ST++ | 42.00 ± 2.00 | 40.00 – 44.00 | 3 | 10 s |" in table
+    assert "| ST++ | 42.00 ± 2.00 | 40.00 – 44.00 | 3 | – | – | 10 s |" in table  # rows without budgets
     assert table.index("SupOnly") < table.index("ST++")
+
+
+def test_rows_state_their_budget_and_the_long_suponly_matches_the_longest_method(tmp_path):
+    from stpp_ray.runs.compare import LONG_SUPONLY, _budget, _write, long_suponly_epochs
+
+    report = {"stages": [{"name": "check_data", "wall_s": 1.0},
+                         {"name": "teacher", "wall_s": 50.0, "steps": 200, "train_images": 3200, "reused": True},
+                         {"name": "student1", "wall_s": 30.0, "steps": 300, "train_images": 4800}]}
+    assert _budget(report) == {"wall_s": 81.0, "steps": 500, "images_per_step": 16.0}
+    rows = [{"seed": 0, "method": "supervised", "miou": 0.30, **_budget({"stages": report["stages"][:2]})},
+            {"seed": 0, "method": "stpp", "miou": 0.40, **_budget(report)},
+            {"seed": 0, "method": LONG_SUPONLY, "miou": 0.33, "wall_s": 60.0, "steps": 500, "images_per_step": 16.0}]
+    table = render_table(summarize(rows))
+    assert "| SupOnly (teacher) | 30.00 | 30.00 – 30.00 | 1 | 200 | 16.0 | 51 s |" in table
+    assert "| SupOnly, as many steps as the longest method | 33.00 | 33.00 – 33.00 | 1 | 500 | 16.0 | 60 s |" in table
+    cfg = load_config(None, ["train.epochs=100"])
+    assert long_suponly_epochs(cfg, 200, 500) == 250 and long_suponly_epochs(cfg, 200, 150) == 100
+    _write(tmp_path, cfg, rows, [0])
+    assert (tmp_path / "compare.png").stat().st_size > 1000 and "![mean ± std per method](compare.png)" in \
+        (tmp_path / "compare.md").read_text()
 
 
 def test_oracle_gets_as_many_steps_as_the_teacher(tmp_path):

@@ -49,7 +49,7 @@ def _train(cfg, items, unlabeled=()) -> dict:
         if online:
             setup.unlabeled_sampler.set_epoch(epoch)
             setup.unlabeled_set.set_epoch(epoch)
-            train_online_epoch(method.step, setup.model, setup.ema, cycle(setup.loader, setup.sampler, setup.train_set, epoch),
+            train_online_epoch(method, setup.model, setup.ema, cycle(setup.loader, setup.sampler, setup.train_set, epoch),
                                setup.unlabeled_loader, setup.optimizer, setup.scheduler, device, cfg.semi,
                                epoch=epoch, epochs=EPOCHS, steps_done=(epoch - 1) * steps, total_steps=EPOCHS * steps,
                                warmup_steps=0)

@@ -55,20 +55,24 @@ def test_dmt_fine_tunes_two_models_on_each_others_labels(ray_local, smoke_data, 
 
 
 def test_resumed_online_stage_equals_an_uninterrupted_one(ray_local, smoke_data, tmp_path):
-    """U2PL on 2 workers with a worker killed in epoch 2: the restart from epoch 1's checkpoint
-    (student, optimiser, EMA teacher) repeats exactly what the uninterrupted run does."""
+    """U2PL with its contrastive term on 2 workers, a worker killed in epoch 3: the restart from
+    epoch 2's checkpoint (student, optimiser, EMA teacher and the memory banks filled in epoch 2)
+    repeats exactly what the uninterrupted run does."""
     from stpp_ray.cluster.train import FAULT_MARKER
 
-    args = ["method=u2pl", "ray.num_workers=2", "semi.epochs=2", "semi.u2pl_warmup_epochs=1", "train.max_failures=1"]
+    args = ["method=u2pl", "ray.num_workers=2", "semi.epochs=3", "semi.u2pl_warmup_epochs=1", "train.max_failures=1",
+            "train.checkpoint_interval=1"]
     faulted, clean = tmp_path / "faulted", tmp_path / "clean"
-    with injected_fault("online", 2):
+    with injected_fault("online", 3):
         Pipeline(smoke_config(smoke_data, faulted, *args)).run()
     Pipeline(smoke_config(smoke_data, clean, *args)).run()
     fault_time = (faulted / "online" / FAULT_MARKER).stat().st_mtime
-    epoch1 = next((faulted / "ray_train").glob("online-*/epoch_0001"))
-    assert epoch1.stat().st_mtime < fault_time, "epoch 1 was not trained again after the restart"
-    epochs = [json.loads(line)["epoch"] for line in (faulted / "online" / "metrics.jsonl").read_text().splitlines()]
-    assert epochs == [1, 2]
+    epoch2 = next((faulted / "ray_train").glob("online-*/epoch_0002"))
+    assert epoch2.stat().st_mtime < fault_time, "epoch 2 was not trained again after the restart"
+    state = torch.load(epoch2 / "state.pt", weights_only=True)
+    assert sum(len(q) for q in state["method_state"]["queues"]) > 0, "the checkpoint holds the filled memory banks"
+    records = [json.loads(line) for line in (faulted / "online" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3] and records[2]["loss_c"] > 0
     a, _ = load_model(faulted / "online" / "final.pt")
     b, _ = load_model(clean / "online" / "final.pt")
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):

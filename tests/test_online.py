@@ -19,6 +19,7 @@ from stpp_ray.augment import half_box
 from stpp_ray.losses import masked_ce
 from stpp_ray.methods.online import LossTerm, StepContext, UnlabeledSet, combine, ema_decay, ema_update_
 from stpp_ray.methods.u2pl import u2pl_drop_unreliable
+from stpp_ray.methods.u2pl_contrastive import ClassQueues
 from stpp_ray.pseudo_labels import SCHEMA
 from tests.helpers import assert_states_close, run_on_gloo_workers, write_random_images
 
@@ -156,11 +157,15 @@ _HEAD = {"mean_teacher": "stpp", "u2pl": "stpp", "unimatch": "unimatch"}  # mode
 @pytest.mark.parametrize("labeled,unlabeled", [(2, 3), (3, 2)])
 def test_online_step_with_unequal_labeled_and_unlabeled_batches(method, labeled, unlabeled):
     torch.manual_seed(0)
-    model = build_model("deeplabv3plus", "tiny", 3, output_stride=8, aspp_channels=8, head=_HEAD[method])
-    ema = build_model("deeplabv3plus", "tiny", 3, output_stride=8, aspp_channels=8).requires_grad_(False)
+    projection = 8 if method == "u2pl" else 0  # U2PL with its contrastive term
+    model = build_model("deeplabv3plus", "tiny", 3, output_stride=8, aspp_channels=8, head=_HEAD[method],
+                        projection_channels=projection)
+    ema = build_model("deeplabv3plus", "tiny", 3, output_stride=8, aspp_channels=8,
+                      projection_channels=projection).requires_grad_(False)
     x, y, _ = _batch(labeled)
     _, _, u = _batch(unlabeled, seed=1)
-    ctx = StepContext(model, ema, 0.5, 1, 2, False, _semi(confidence_threshold=0.0))
+    ctx = StepContext(model, ema, 0.5, 1, 2, False, _semi(confidence_threshold=0.0, u2pl_low_rank=1),
+                      state=ClassQueues([100] * 3, 8) if projection else None)
     terms = get_method(method).step(ctx, x, y, u)
     loss, _ = combine(terms, world=1)
     loss.backward()
@@ -175,13 +180,14 @@ def test_online_step_with_unequal_labeled_and_unlabeled_batches(method, labeled,
         assert int(terms[1].pixels) == valid_u.numel(), "U2PL's pixels: the whole unlabeled batch"
 
 
-def _ddp_online_steps(world: int, rank: int, method: str, unlabeled: int = 4) -> dict:
+def _ddp_online_steps(world: int, rank: int, method: str, unlabeled: int = 4, contrastive: bool = False) -> dict:
     from stpp_ray.training import build_optimizer, poly_scheduler
     from stpp_ray.models import split_parameters
     from stpp_ray.methods.online import train_online_epoch
 
     torch.manual_seed(0)
-    model = build_model("deeplabv3plus", "tiny", 3, output_stride=8, aspp_channels=8, head=_HEAD[method])
+    model = build_model("deeplabv3plus", "tiny", 3, output_stride=8, aspp_channels=8, head=_HEAD[method],
+                        projection_channels=8 if contrastive else 0)
     for m in model.modules():  # dropout masks are drawn per worker: equal in law, not bitwise
         if isinstance(m, torch.nn.modules.dropout._DropoutNd):
             m.p = 0.0
@@ -194,7 +200,10 @@ def _ddp_online_steps(world: int, rank: int, method: str, unlabeled: int = 4) ->
         ema = copy.deepcopy(model).requires_grad_(False)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
-    opt = build_optimizer(backbone, head, lr=0.05, head_lr_multiplier=10, momentum=0.9, weight_decay=1e-4)
+    # The cosine similarity's gradient grows as the projection's features shrink: a smaller step
+    # keeps the contrastive runs in a range where float sums in another order stay close.
+    opt = build_optimizer(backbone, head, lr=0.005 if contrastive else 0.05, head_lr_multiplier=10, momentum=0.9,
+                          weight_decay=1e-4)
     sched = poly_scheduler(opt, 10, 0.9)
     x, y, _ = _batch()
     _, _, u = _batch(unlabeled, seed=1)
@@ -202,23 +211,35 @@ def _ddp_online_steps(world: int, rank: int, method: str, unlabeled: int = 4) ->
     upart = slice(rank * unlabeled // world, (rank + 1) * unlabeled // world)
     labeled = iter([(x[part], y[part])] * 3)
     unlabeled = [{k: v[upart] for k, v in u.items()}] * 3
-    cfg = _semi(confidence_threshold=0.3, feature_dropout=0.0, rampup_fraction=0.5)
-    stats = train_online_epoch(get_method(method).step, model, ema, labeled, unlabeled, opt, sched, torch.device("cpu"), cfg,
-                               epoch=1, epochs=2, steps_done=0, total_steps=6, warmup_steps=1)
+    # 3 classes: r_l = 1 leaves a rank window [1, 3) for the unlabeled negatives.
+    cfg = _semi(confidence_threshold=0.3, feature_dropout=0.0, rampup_fraction=0.5, u2pl_num_queries=16,
+                u2pl_num_negatives=4, u2pl_low_rank=1)
+    # U2PL's memory banks (contrastive term), small enough to drop their oldest rows here.
+    banks = ClassQueues([300, 200, 200], 8) if contrastive else None
+    stats = train_online_epoch(get_method(method), model, ema, labeled, unlabeled, opt, sched, torch.device("cpu"), cfg,
+                               epoch=1, epochs=2, steps_done=0, total_steps=6, warmup_steps=1, seed=3, state=banks)
     kept = ema if ema is not None else getattr(model, "module", model)
-    return {"loss": stats["loss"], "state": {k: v.clone() for k, v in kept.state_dict().items()}}
+    return {"loss": stats["loss"], "state": {k: v.clone() for k, v in kept.state_dict().items()},
+            "loss_c": stats.get("loss_c"), "banks": banks.queues if banks else None}
 
 
-@pytest.mark.parametrize("method,unlabeled", [("mean_teacher", 4), ("u2pl", 4), ("unimatch", 4),
-                                              ("u2pl", 2), ("unimatch", 2)])
-def test_online_methods_take_the_same_steps_on_two_workers_as_on_one(tmp_path, method, unlabeled):
+@pytest.mark.parametrize("method,unlabeled,contrastive", [
+    ("mean_teacher", 4, False), ("u2pl", 4, False), ("unimatch", 4, False), ("u2pl", 2, False), ("unimatch", 2, False),
+    ("u2pl", 4, True), ("u2pl", 2, True)])
+def test_online_methods_take_the_same_steps_on_two_workers_as_on_one(tmp_path, method, unlabeled, contrastive):
     """Global counts, the pooled U2PL percentile and synchronised BN: 2 x 2 images == 1 x 4
     (students and EMA teachers alike; feature dropout off, its masks differ per worker), also
-    with an unlabeled batch of another size."""
-    single = _ddp_online_steps(1, 0, method, unlabeled)
-    two = run_on_gloo_workers(_ddp_online_steps, 2, tmp_path / "two.pt", method, unlabeled)
+    with an unlabeled batch of another size. U2PL's contrastive term too: memory banks filled
+    from the gathered global batch in one worker's order, anchors and negatives drawn alike."""
+    single = _ddp_online_steps(1, 0, method, unlabeled, contrastive)
+    two = run_on_gloo_workers(_ddp_online_steps, 2, tmp_path / "two.pt", method, unlabeled, contrastive)
     assert two["loss"] == pytest.approx(single["loss"], rel=1e-4)
     assert_states_close(two["state"], single["state"])
+    if contrastive:
+        assert single["loss_c"] > 0 and two["loss_c"] == pytest.approx(single["loss_c"], rel=1e-4)
+        assert [len(q) for q in single["banks"]] == [len(q) for q in two["banks"]] and max(map(len, single["banks"])) > 0
+        for a, b in zip(two["banks"], single["banks"]):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_dmt_loss_weights_pseudo_pixels_and_not_ground_truth():
@@ -325,3 +346,40 @@ def test_dmt_phases_use_dmt_optimizer_recipe(tmp_path):
     assert [(g["lr"], g["initial_lr"], g["weight_decay"], g["momentum"]) for g in groups] == [(0.001, 0.001, 5e-4, 0.9)] * 2
     teacher = setup_rank(cfg, items, [], epochs=1).optimizer.param_groups
     assert [(g["lr"], g["weight_decay"]) for g in teacher] == [(0.02, 1e-4), (0.2, 1e-4)]
+
+
+def test_teacher_updates_follow_mean_teachers_and_u2pls_code():
+    """CuriousAI/mean-teacher pytorch/main.py: alpha = min(1 - 1/(k+1), 0.999) from k = 1, so the
+    first update averages half and half; Haochen-Wang409/U2PL train_semi.py: no EMA in the
+    supervised epochs, the student's parameters at every step of the first semi-supervised
+    epoch, then the EMA from decay 0. Neither averages the BatchNorm statistics."""
+    def pair():
+        torch.manual_seed(0)
+        student = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1), torch.nn.BatchNorm2d(1))
+        teacher = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1), torch.nn.BatchNorm2d(1))
+        student[1].running_mean.fill_(3.0)
+        return student, teacher, [p.clone() for p in teacher.parameters()]
+
+    semi = _semi()
+    assert (semi.mean_teacher_ema_decay, semi.ema_decay) == (0.999, 0.99)
+    student, teacher, before = pair()
+    get_method("mean_teacher").update_teacher(teacher, student, 0, 0, semi)
+    for t, t0, s in zip(teacher.parameters(), before, student.parameters()):
+        assert torch.allclose(t, 0.5 * t0 + 0.5 * s)
+    assert float(teacher[1].running_mean) == 0.0, "the teacher keeps its own BatchNorm statistics"
+    assert ema_decay(1, 0.999) == 0.5 and ema_decay(10_000, 0.999) == 0.999
+
+    u2pl = get_method("u2pl")
+    student, teacher, before = pair()
+    u2pl.before_step(teacher, student, 3, 4, 4)
+    u2pl.update_teacher(teacher, student, 3, 4, semi)
+    assert all(torch.equal(t, t0) for t, t0 in zip(teacher.parameters(), before)), "warm-up: no EMA"
+    u2pl.before_step(teacher, student, 7, 4, 4)  # the last step of the first semi-supervised epoch
+    assert all(torch.equal(t, s) for t, s in zip(teacher.parameters(), student.parameters()))
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(1.0)
+    u2pl.before_step(teacher, student, 8, 4, 4)  # after it: the EMA alone
+    assert all(torch.equal(t, s + 1.0) for t, s in zip(teacher.parameters(), student.parameters()))
+    u2pl.update_teacher(teacher, student, 8, 4, semi)  # k = 4: decay min(1 - 1/5, 0.99) = 0.8
+    assert all(torch.allclose(t, s + 0.8) for t, s in zip(teacher.parameters(), student.parameters()))

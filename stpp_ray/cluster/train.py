@@ -94,9 +94,9 @@ class StageWorker:
             self.device, training=training, online=self.online,
             unlabeled_paths=spec.unlabeled if self.online else (), init_weights=spec.init_weights)
         self.criterion = training.criterion
-        # Mean Teacher and U2PL are evaluated and saved through their EMA teacher, as U2PL's code.
-        self.kept = self.setup.ema if self.setup.ema is not None else self.setup.model
-        self.arch = architecture(cfg.model, cfg.data.num_classes)
+        self.arch = architecture(cfg.model, cfg.data.num_classes,
+                                 self.online.projection_channels(cfg) if self.online else 0)
+        self.method_state = self.online.make_state(cfg) if self.online else None
         self.start_epoch, self.best_miou = 0, -1.0
 
     def resume(self) -> None:
@@ -112,6 +112,8 @@ class StageWorker:
             setup.ema.load_state_dict(state["ema"])
         setup.optimizer.load_state_dict(state["optimizer"])
         setup.scheduler.load_state_dict(state["scheduler"])
+        if self.method_state is not None:
+            self.method_state.load_state_dict(state["method_state"])
         self.start_epoch, self.best_miou = state["epoch"], state["best_miou"]
         if self.rank == 0:
             _say(f"[{self.spec.name}] resuming after epoch {self.start_epoch}/{self.spec.epochs}")
@@ -133,10 +135,11 @@ class StageWorker:
         for epoch in range(self.start_epoch + 1, self.spec.epochs + 1):
             record = self.train_epoch(epoch)
             if _should_eval(epoch, self.spec.epochs, self.cfg.train.eval_interval):
-                record.update(self.validate())
+                record.update(self.validate(epoch))
             if self.rank == 0:
-                _save_epoch_outputs(self.spec, self.kept, self.arch, record)
-                self.best_miou = _save_best(self.spec, self.kept, self.arch, record, self.best_miou)
+                kept = self.kept_model(epoch)
+                _save_epoch_outputs(self.spec, kept, self.arch, record)
+                self.best_miou = _save_best(self.spec, kept, self.arch, record, self.best_miou)
                 _log_epoch(writer, self.spec.name, record, self.spec.epochs)
             self.report(epoch, {k: v for k, v in record.items() if k != "val_iou"})
         if writer is not None:
@@ -157,7 +160,8 @@ class StageWorker:
             stats = train_one_epoch(setup.model, setup.loader, setup.optimizer, setup.scheduler, self.device,
                                     amp=cfg.train.amp, criterion=self.criterion)
         record = {"stage": spec.name, "epoch": epoch, "loss": stats["loss"], "lr": stats["lr"],
-                  "images_per_s": stats["images_per_s"], "train_seconds": stats["seconds"], "started_at": started_at}
+                  "images_per_s": stats["images_per_s"], "train_seconds": stats["seconds"], "started_at": started_at,
+                  "steps": stats["steps"], "images": stats["images"]}
         record.update({k: v for k, v in stats.items() if k.startswith("loss_")})
         return record
 
@@ -166,11 +170,12 @@ class StageWorker:
         setup.unlabeled_sampler.set_epoch(epoch)
         setup.unlabeled_set.set_epoch(epoch)
         steps = setup.steps_per_epoch()
-        return train_online_epoch(self.online.step, setup.model, setup.ema,
+        return train_online_epoch(self.online, setup.model, setup.ema,
                                   cycle(setup.loader, setup.sampler, setup.train_set, epoch), setup.unlabeled_loader,
                                   setup.optimizer, setup.scheduler, self.device, cfg.semi, epoch=epoch, epochs=epochs,
                                   steps_done=(epoch - 1) * steps, total_steps=epochs * steps,
-                                  warmup_steps=self.online.warmup_steps(cfg, steps), amp=cfg.train.amp)
+                                  warmup_steps=self.online.warmup_steps(cfg, steps), amp=cfg.train.amp,
+                                  seed=cfg.run.seed, state=self.method_state)
 
     def maybe_fail(self, epoch: int) -> None:
         """Simulated crash of one worker process (tests only), a few seconds into the epoch as
@@ -181,11 +186,21 @@ class StageWorker:
             (self.stage_dir / FAULT_MARKER).write_text(str(time.time()))
             os._exit(1)
 
-    def validate(self) -> dict:
+    def kept_model(self, epoch: int):
+        """The model validated and saved: the EMA teacher where there is one (Mean Teacher's code
+        picks its best by the EMA model, U2PL's saves and validates the teacher), except in
+        warm-up epochs, whose teacher is not trained yet (U2PL's code validates the student there)."""
+        setup = self.setup
+        if setup.ema is None:
+            return setup.model
+        steps = setup.steps_per_epoch()
+        return setup.model if self.online.warmup_steps(self.cfg, steps) >= epoch * steps else setup.ema
+
+    def validate(self, epoch: int) -> dict:
         cfg, setup = self.cfg, self.setup
         eval_start = time.perf_counter()
         eval_options = cfg.eval.options(cfg.data.crop_size)
-        cm = evaluate(self.kept, setup.val_loader, cfg.data.num_classes, self.device, **eval_options)
+        cm = evaluate(self.kept_model(epoch), setup.val_loader, cfg.data.num_classes, self.device, **eval_options)
         out = {"val_miou": cm.miou(), "val_iou": [None if v != v else float(v) for v in cm.iou()]}
         if setup.ema is not None:
             out["student_val_miou"] = evaluate(setup.model, setup.val_loader, cfg.data.num_classes, self.device,
@@ -206,6 +221,8 @@ class StageWorker:
                      "scheduler": setup.scheduler.state_dict(), "epoch": epoch, "best_miou": self.best_miou}
             if setup.ema is not None:
                 state["ema"] = setup.ema.state_dict()
+            if self.method_state is not None:  # U2PL's memory banks, the same on every rank
+                state["method_state"] = self.method_state.state_dict()
             torch.save(state, Path(tmp) / "state.pt")
             # Ray: rank 0 reports the resumable state; Ray copies it to the run's storage.
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
@@ -318,7 +335,10 @@ def summarize_stage(stage_dir: Path, wall_s: float, called_at: float | None = No
     summary = {
         "wall_s": wall_s,
         "epochs": len(records),
+        "steps": sum(r.get("steps", 0) for r in records),  # optimiser steps, and the images they forwarded
+        "train_images": round(images),
         "miou": last.get("val_miou"),
+        "student_miou": last.get("student_val_miou"),  # the student's, where an EMA teacher is the model
         "per_class_iou": last.get("val_iou"),
         "best_miou": max((r["val_miou"] for r in evals), default=None),
         "train_images_per_s": images / seconds if seconds else None,

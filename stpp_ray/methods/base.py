@@ -123,6 +123,10 @@ class Method:
         """The stage reported as `teacher` (the SupOnly teacher where the method trains one)."""
         return "teacher"
 
+    def projection_channels(self, cfg) -> int:
+        """Width of a projection head the model needs (U2PL's contrastive term), 0 for none."""
+        return 0
+
     def trains_labeled_batch_alone(self, cfg) -> bool:
         """Whether some training forward pass holds only the labeled batch (BatchNorm needs 2+ images)."""
         return True

@@ -1,6 +1,8 @@
 """Mean Teacher (Tarvainen & Valpola, NeurIPS 2017): an EMA teacher predicts the weak view;
 the student learns its softmax (squared error) on the strong view (ST++'s strong
-augmentation, Cutout included), weighted by a sigmoid ramp-up."""
+augmentation, Cutout included), weighted by a sigmoid ramp-up. As CuriousAI/mean-teacher
+pytorch/main.py: the teacher predicts in train mode (its BatchNorm statistics are its own),
+and only its parameters are averaged, with decay min(1 - 1/(k+1), 0.999) at update k = 1, 2, ..."""
 
 from __future__ import annotations
 
@@ -40,7 +42,11 @@ def softmax_mse_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 class MeanTeacher(OnlineMethod):
     ema: bool = True
     strong_cutout: bool = True
-    config_keys: tuple[str, ...] = ("semi.ema_decay", "semi.consistency_weight", "semi.rampup_fraction")
+    first_ema_step: int = 1  # update_ema_variables after global_step += 1: alpha = 0.5 first
+    config_keys: tuple[str, ...] = ("semi.mean_teacher_ema_decay", "semi.consistency_weight", "semi.rampup_fraction")
+
+    def teacher_decay(self, semi) -> float:
+        return semi.mean_teacher_ema_decay
 
     def views(self, data, image, ignore) -> dict[str, torch.Tensor]:
         """`strong1`/`ignore1`: ST++'s strong augmentation, Cutout set to 255."""
@@ -55,7 +61,7 @@ class MeanTeacher(OnlineMethod):
         b = x.shape[0]
         ctx.model.train()
         logits = ctx.model(torch.cat([x, u["strong1"]]))
-        mse_sum, mse_count = softmax_mse_sum(logits[b:], teacher_logits(ctx.ema, u["weak"]),
+        mse_sum, mse_count = softmax_mse_sum(logits[b:], teacher_logits(ctx.ema, u["weak"], train=True),
                                              valid=u["ignore1"] != IGNORE_INDEX)
         weight = ctx.cfg.consistency_weight * sigmoid_rampup(ctx.progress, ctx.cfg.rampup_fraction)
         return [ce_term("loss_x", logits[:b], y), LossTerm("loss_u", mse_sum, mse_count, weight)]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -46,6 +46,7 @@ class OnlineMethod(Method):
     ema: bool = False  # an EMA teacher makes the targets; it is the model validated and saved
     cutmix_partner: bool = False  # the views of a second random image come under `mix_*`
     strong_cutout: bool = False  # the strong augmentation includes Cutout
+    first_ema_step: int = 0  # the EMA counter at the teacher's first update (`ema_decay`)
     config_keys: tuple[str, ...] = ()  # the method's own config keys (its stage's fingerprint)
 
     def stages(self, cfg, build: StageBuilder) -> list[Stage]:
@@ -69,9 +70,28 @@ class OnlineMethod(Method):
             raise ValueError(f"method {self.name} has no stage kind {kind!r}")
         return teacher_training(cfg)
 
+    def make_state(self, cfg):
+        """What the method keeps across steps and checkpoints (`state_dict`/`load_state_dict`), or None."""
+        return None
+
     def warmup_steps(self, cfg, steps_per_epoch: int) -> int:
-        """Supervised-only steps at the start, during which an EMA teacher copies the student."""
+        """Supervised-only steps at the start (no EMA update)."""
         return 0
+
+    def teacher_decay(self, semi) -> float:
+        """The EMA teacher's decay."""
+        return semi.ema_decay
+
+    def before_step(self, ema, student, step: int, warmup_steps: int, steps_per_epoch: int) -> None:
+        """What happens to the EMA teacher before a step (U2PL copies the student at first)."""
+
+    @torch.no_grad()
+    def update_teacher(self, ema, student, step: int, warmup_steps: int, semi) -> None:
+        """After a step: the teacher's parameters follow the student's, its BatchNorm
+        statistics come from its own train-mode forwards (Mean Teacher's and U2PL's code)."""
+        if step >= warmup_steps:
+            ema_update_(ema, student, ema_decay(step - warmup_steps + self.first_ema_step, self.teacher_decay(semi)),
+                        buffers=False)
 
     def views(self, data: "UnlabeledSet", image, ignore) -> dict[str, torch.Tensor]:
         """The method's own views of one weakly augmented image (drawn from the sample's seed)."""
@@ -177,6 +197,9 @@ class StepContext:
     epochs: int
     warmup: bool                           # a supervised-only step (U2PL's first epochs)
     cfg: object                            # config.SemiConfig
+    step: int = 0                          # 0-based step of the stage
+    seed: int = 0                          # `run.seed`, for draws that must agree on every rank
+    state: object = None                   # the method's state across steps (`OnlineMethod.make_state`)
 
 
 def ce_term(name: str, logits: torch.Tensor, target: torch.Tensor, weight: float = 1.0) -> LossTerm:
@@ -186,21 +209,23 @@ def ce_term(name: str, logits: torch.Tensor, target: torch.Tensor, weight: float
 
 
 @torch.no_grad()
-def teacher_logits(teacher: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:
-    teacher.eval()
+def teacher_logits(teacher: torch.nn.Module, image: torch.Tensor, train: bool = False) -> torch.Tensor:
+    """The teacher's logits, in eval mode or (`train`: batch statistics, dropout, and its
+    BatchNorm running statistics updated) in train mode."""
+    teacher.train(train)
     return teacher(image).float()
 
 
 @torch.no_grad()
-def ema_update_(teacher: torch.nn.Module, student: torch.nn.Module, decay: float) -> None:
-    """teacher <- decay * teacher + (1 - decay) * student for parameters and floating-point
-    buffers (BatchNorm running statistics, so that they match the averaged weights);
-    integer buffers (batch counters) are copied from the student."""
+def ema_update_(teacher: torch.nn.Module, student: torch.nn.Module, decay: float, buffers: bool = True) -> None:
+    """teacher <- decay * teacher + (1 - decay) * student for parameters and, with `buffers`,
+    floating-point buffers (BatchNorm running statistics), integer buffers (batch counters)
+    copied from the student. Without `buffers` the teacher keeps its own statistics."""
     if not 0.0 <= decay <= 1.0:
         raise ValueError(f"EMA decay must lie in [0, 1], got {decay}")
     for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
         t.lerp_(s.detach(), 1.0 - decay)
-    for t, s in zip(teacher.buffers(), student.buffers(), strict=True):
+    for t, s in zip(teacher.buffers(), student.buffers(), strict=True) if buffers else ():
         if t.is_floating_point():
             t.lerp_(s, 1.0 - decay)
         else:
@@ -226,11 +251,11 @@ def cycle(loader, sampler, dataset, epoch: int) -> Iterator:
         c += 1
 
 
-def train_online_epoch(step_fn: Callable, model, ema, labeled: Iterator, unlabeled_loader, optimizer, scheduler,
+def train_online_epoch(method: OnlineMethod, model, ema, labeled: Iterator, unlabeled_loader, optimizer, scheduler,
                        device: torch.device, cfg, *, epoch: int, epochs: int, steps_done: int, total_steps: int,
-                       warmup_steps: int, amp: bool = False) -> dict[str, float]:
-    """One pass over the unlabeled loader; `step_fn(ctx, x, y, u)` is the method's step
-    (`OnlineMethod.step`), `cfg` the config's `semi` section."""
+                       warmup_steps: int, amp: bool = False, seed: int = 0, state=None) -> dict[str, float]:
+    """One pass over the unlabeled loader with the method's `step` and teacher updates; `cfg`
+    is the config's `semi` section, `state` the method's state (`OnlineMethod.make_state`)."""
     world = dist.get_world_size() if is_distributed() else 1
     sums: dict[str, float] = {}
     steps = images = 0
@@ -241,18 +266,19 @@ def train_online_epoch(step_fn: Callable, model, ema, labeled: Iterator, unlabel
         y = y.to(device, non_blocking=True)
         u = {k: v.to(device, non_blocking=True) for k, v in u.items()}
         step = steps_done + steps
-        ctx = StepContext(model, ema, step / max(1, total_steps), epoch, epochs, step < warmup_steps, cfg)
+        ctx = StepContext(model, ema, step / max(1, total_steps), epoch, epochs, step < warmup_steps, cfg,
+                          step=step, seed=seed, state=state)
+        if ema is not None:
+            method.before_step(ema, unwrap(model), step, warmup_steps, total_steps // max(1, epochs))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
-            terms = step_fn(ctx, x, y, u)
+            terms = method.step(ctx, x, y, u)
         loss, shares = combine(terms, world)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
         if ema is not None:
-            # During a warm-up (U2PL's) the teacher copies the student (decay 0), as U2PL does.
-            decay = 0.0 if step < warmup_steps else ema_decay(step - warmup_steps, cfg.ema_decay)
-            ema_update_(ema, unwrap(model), decay)
+            method.update_teacher(ema, unwrap(model), step, warmup_steps, cfg)
         for t, share in zip(terms, shares):
             sums[t.name] = sums.get(t.name, 0.0) + float(share)
         sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / world
@@ -262,6 +288,6 @@ def train_online_epoch(step_fn: Callable, model, ema, labeled: Iterator, unlabel
     totals = global_sum(torch.tensor([images, *[sums.get(k, 0.0) for k in sorted(sums)]], dtype=torch.float64,
                                      device=device)).cpu()
     stats = {k: float(v) / max(1, steps) for k, v in zip(sorted(sums), totals[1:])}
-    stats.update(images=int(totals[0]), seconds=seconds, images_per_s=float(totals[0]) / seconds if seconds else math.nan,
+    stats.update(images=int(totals[0]), steps=steps, seconds=seconds, images_per_s=float(totals[0]) / seconds if seconds else math.nan,
                  lr=optimizer.param_groups[0]["lr"])
     return stats

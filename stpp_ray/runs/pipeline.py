@@ -244,6 +244,6 @@ def _fresh_stage_dir(stage_dir: Path, fingerprint: str) -> Path:
 
 
 def _brief(result: dict) -> dict:
-    keys = ("wall_s", "miou", "best_miou", "images", "images_per_s", "train_images_per_s", "epochs",
-            "compute_s", "startup_s", "teardown_s")
+    keys = ("wall_s", "miou", "student_miou", "best_miou", "images", "images_per_s", "train_images_per_s", "epochs",
+            "steps", "train_images", "compute_s", "startup_s", "teardown_s")
     return {k: result[k] for k in keys if k in result}

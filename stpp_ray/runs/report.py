@@ -45,7 +45,8 @@ def class_names(cfg: Config) -> list[str]:
 def _model_summary(result: dict | None) -> dict:
     if not result:
         return {}
-    keys = ("miou", "best_miou", "per_class_iou", "wall_s", "epochs", "train_images_per_s", "final_checkpoint")
+    keys = ("miou", "student_miou", "best_miou", "per_class_iou", "wall_s", "epochs", "steps", "train_images",
+            "train_images_per_s", "final_checkpoint")
     return {k: result.get(k) for k in keys}
 
 
@@ -165,7 +166,8 @@ def render_markdown(report: dict) -> str:
     lines = [f"# stpp_ray run: {report['method']} ({report['status']})", ""]
     who = "SupOnly" if report["teacher"].get("stage", "teacher") == "teacher" else "the online method's teacher"
     lines += [f"- teacher ({who}) val mIoU: **{_pct(report['teacher'].get('miou'))}**",
-              f"- final model ({report['final']['stage']}) val mIoU: **{_pct(report['final'].get('miou'))}**",
+              f"- final model ({report['final']['stage']}) val mIoU: **{_pct(report['final'].get('miou'))}**"
+              + (f" (its student: {_pct(report['final']['student_miou'])})" if report['final'].get('student_miou') else ""),
               f"- validation mIoU measured by {describe_eval(report['eval'])}",
               f"- compute wall time this invocation: {report['total_wall_s']:.1f} s", ""]
     lines += ["## Stages", "", "| stage | wall s | val mIoU | images/s | reused |", "|---|---|---|---|---|"]
