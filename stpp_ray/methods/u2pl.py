@@ -115,8 +115,8 @@ class U2PLMethod(OnlineMethod):
         argmax, the alpha_t % highest-entropy valid pixels of the global batch left out; U2PL's
         normalisation (kept-pixel mean times all pixels / kept pixels). As U2PL's train_semi.py,
         the pseudo-labels come from the teacher in eval mode and the entropy from a second,
-        train-mode teacher forward of the student's images. With `semi.u2pl_contrastive`, the contrastive term
-        `loss_c`. The labeled and unlabeled batches may differ in size."""
+        train-mode teacher forward of the student's images. With `semi.u2pl_contrastive`, the
+        contrastive term `loss_c`. The labeled and unlabeled batches may differ in size."""
         b, bu = x.shape[0], u["weak"].shape[0]
         contrastive = ctx.state is not None
         ctx.model.train()
