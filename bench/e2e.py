@@ -19,7 +19,7 @@ from .labeling import bare_loop
 
 def run_demo(cfg: Config, threads: int, scratch: Path) -> dict:
     """Run the pipeline of `cfg` from scratch; per-stage wall, compute and the rest."""
-    from stpp_ray.runs.pipeline import Pipeline
+    from stpp_ray.orchestration.pipeline import Pipeline
 
     run_dir = Path(cfg.run.output_dir)
     shutil.rmtree(run_dir, ignore_errors=True)

@@ -21,7 +21,7 @@ def _cmd_demo_data(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .runs.pipeline import Pipeline
+    from .orchestration.pipeline import Pipeline
 
     cfg = load_config(args.config, args.overrides)
     report = Pipeline(cfg).run()
@@ -33,7 +33,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from .runs.compare import render_table, run_compare
+    from .orchestration.compare import render_table, run_compare
     from .config import load_config
 
     cfg = load_config(args.config, args.overrides)

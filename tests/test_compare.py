@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from stpp_ray.runs.compare import oracle_epochs, render_table, summarize
+from stpp_ray.orchestration.compare import oracle_epochs, render_table, summarize
 from stpp_ray.config import load_config
 
 
@@ -20,7 +20,7 @@ def test_summary_statistics_per_method():
 
 
 def test_rows_state_their_budget_and_the_long_suponly_matches_the_longest_method(tmp_path):
-    from stpp_ray.runs.compare import LONG_SUPONLY, _budget, _write, long_suponly_epochs
+    from stpp_ray.orchestration.compare import LONG_SUPONLY, _budget, _write, long_suponly_epochs
 
     report = {"stages": [{"name": "check_data", "wall_s": 1.0},
                          {"name": "teacher", "wall_s": 50.0, "steps": 200, "train_images": 3200, "reused": True},

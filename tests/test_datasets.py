@@ -208,7 +208,7 @@ def test_builtin_split_entries_resolve_under_the_data_root(tmp_path):
 
 
 def test_compare_oracle_epochs_reads_builtin_splits(tmp_path):
-    from stpp_ray.runs.compare import oracle_epochs
+    from stpp_ray.orchestration.compare import oracle_epochs
     from stpp_ray.config import load_config
 
     cfg = load_config(None, ["data.labeled_split=builtin:pascal/1_16/labeled.txt", "train.epochs=80"])

@@ -257,7 +257,7 @@ def test_cityscapes_jobs_evaluate_by_sliding_windows(name):
 def test_report_states_how_the_miou_was_measured(tmp_path):
     import json
 
-    from stpp_ray.runs.report import write_report
+    from stpp_ray.orchestration.report import write_report
 
     cfg = load_config(None, ["method=supervised", "data.crop_size=721", "eval.mode=sliding"])
     results = {"teacher": {"miou": 0.5, "best_miou": 0.6, "per_class_iou": [0.5] * 21}}

@@ -31,7 +31,7 @@ import yaml
 from stpp_ray.cli import build_parser, main
 from stpp_ray.config import DataConfig, load_config
 from stpp_ray.datasets import CITYSCAPES_LUT, check_samples, read_mask, read_split, split_entry_id
-from stpp_ray.runs.pipeline import Pipeline
+from stpp_ray.orchestration.pipeline import Pipeline
 
 from tests.helpers.layout_data import LayoutData, LayoutMismatch
 

@@ -57,8 +57,8 @@ def test_an_unknown_method_is_one_readable_error():
 
 def test_a_new_method_is_one_registry_line(monkeypatch):
     """A method from another module, registered by one line, is accepted everywhere."""
-    from stpp_ray.runs.compare import summarize
-    from stpp_ray.runs.report import final_stage, teacher_stage
+    from stpp_ray.orchestration.compare import summarize
+    from stpp_ray.orchestration.report import final_stage, teacher_stage
 
     monkeypatch.setitem(methods._REGISTRY, "toy", "tests.helpers.toy_method:TOY")
     cfg = load_config(None, ["method=toy", "train.epochs=3"])

@@ -9,7 +9,7 @@ import torch
 
 from stpp_ray.weights import load_model
 from stpp_ray.datasets import decode_mask_png
-from stpp_ray.runs.pipeline import Pipeline
+from stpp_ray.orchestration.pipeline import Pipeline
 from stpp_ray.methods.dmt import read_curriculum_items
 
 from tests.helpers import injected_fault, smoke_config

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from stpp_ray.datasets import read_split
-from stpp_ray.runs.pipeline import Pipeline
+from stpp_ray.orchestration.pipeline import Pipeline
 
 from tests.helpers import injected_fault, smoke_config
 

@@ -14,7 +14,7 @@ from stpp_ray.labeling import Labeler
 from stpp_ray.pseudo_labels import SCHEMA, PseudoLabelError, scores
 from stpp_ray.selection import select_reliable
 from stpp_ray.stability import batched_checkpoint_ious, stability_for_checkpoints, stability_score
-from stpp_ray.runs.sweep import (K_KEY, R_KEY, SweepError, best_trial, check_space, checkpoint_counts, compute_summary,
+from stpp_ray.orchestration.sweep import (K_KEY, R_KEY, SweepError, best_trial, check_space, checkpoint_counts, compute_summary,
                                  grid_cells, override_args, render_markdown, touches_shared, trial_label)
 
 from tests.helpers import SMOKE, smoke_config, write_checkpoints, write_random_images

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from stpp_ray.weights import load_model
-from stpp_ray.runs.pipeline import Pipeline
+from stpp_ray.orchestration.pipeline import Pipeline
 from stpp_ray.cluster.train import FAULT_MARKER
 
 from tests.helpers import injected_fault, smoke_config

@@ -25,11 +25,11 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from ..config import Config, config_from_dict, load_raw, set_dotted
 from ..methods import get_method
-from ..runs.pipeline import Pipeline
+from ..orchestration.pipeline import Pipeline
 from ..files import write_json_atomic
 from ..plots import sweep_heatmap
 from .session import init_ray
-from ..runs.sweep import (K_KEY, SweepError, best_trial, check_space, checkpoint_counts, compute_summary, grid_cells,
+from ..orchestration.sweep import (K_KEY, SweepError, best_trial, check_space, checkpoint_counts, compute_summary, grid_cells,
                     render_markdown, run_command, shared_summary, touches_shared, trial_label)
 
 

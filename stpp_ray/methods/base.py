@@ -109,6 +109,7 @@ class Method:
     online: bool = False  # trains on an unlabeled stream, without a SupOnly teacher
     head: str = "stpp"  # `model.head: auto` resolves to this
     selects_reliable: bool = False  # uses ST++'s selection, so R and K matter
+    trained_kinds: tuple[str, ...] = (SUPERVISED,)  # the stage kinds trained with `teacher_training`
     # Stages shared by every run with the same teacher config (a sweep runs them once).
     shared_stages: tuple[str, ...] = field(default=("check_data", "teacher", "label_teacher"))
 
@@ -133,6 +134,6 @@ class Method:
 
     def training(self, kind: str, cfg) -> StageTraining:
         """How a stage of `kind` trains (in the Ray Train worker)."""
-        if kind != SUPERVISED:
+        if kind not in self.trained_kinds:
             raise ValueError(f"method {self.name} has no stage kind {kind!r}")
         return teacher_training(cfg)

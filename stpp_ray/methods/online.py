@@ -24,7 +24,7 @@ from ..datasets import IGNORE_INDEX, read_image
 from ..losses import masked_ce
 from ..training import global_sum, is_distributed, sample_seed, split_key
 from ..weights import unwrap
-from .base import ONLINE, Method, Stage, StageBuilder, StageTraining, derive_fingerprint, teacher_training
+from .base import ONLINE, Method, Stage, StageBuilder, derive_fingerprint
 from .self_training import TEACHER_KEYS, student_epochs
 
 # The keys every online stage depends on; each method adds its own (`OnlineMethod.config_keys`).
@@ -43,6 +43,7 @@ class OnlineMethod(Method):
 
     online: bool = True
     shared_stages: tuple[str, ...] = ("check_data",)
+    trained_kinds: tuple[str, ...] = (ONLINE,)
     ema: bool = False  # an EMA teacher makes the targets; it is the model validated and saved
     cutmix_partner: bool = False  # the views of a second random image come under `mix_*`
     strong_cutout: bool = False  # the strong augmentation includes Cutout
@@ -64,11 +65,6 @@ class OnlineMethod(Method):
 
     def trains_labeled_batch_alone(self, cfg) -> bool:
         return False
-
-    def training(self, kind: str, cfg) -> StageTraining:
-        if kind != ONLINE:
-            raise ValueError(f"method {self.name} has no stage kind {kind!r}")
-        return teacher_training(cfg)
 
     def make_state(self, cfg):
         """What the method keeps across steps and checkpoints (`state_dict`/`load_state_dict`), or None."""
