@@ -220,7 +220,9 @@ class SemiConfig(_Section):
     u2pl_contrastive: bool = Field(
         True, description="U2PL: the pixel-level contrastive term with unreliable pixels as negatives (a projection head "
         "and per-class memory banks); false = its ablation, the pseudo-label loss alone.")
-    u2pl_contrastive_weight: float = Field(1.0, ge=0, description="U2PL: lambda_c, the contrastive term's weight (loss_weight: 1).")
+    u2pl_contrastive_weight: float = Field(
+        0.25, ge=0, description="U2PL: lambda_c, the contrastive term's weight: U2PL's loss_weight 1 divided by the GPU "
+        "count, which its train_semi.py applies to the gradient (0.25 = its 4 VOC GPUs, 0.125 = its 8 Cityscapes GPUs).")
     u2pl_temperature: float = Field(0.5, gt=0, description="U2PL: InfoNCE temperature (0.5).")
     u2pl_num_queries: int = Field(256, ge=1, description="U2PL: anchor pixels drawn per class and step (256).")
     u2pl_num_negatives: int = Field(50, ge=1, description="U2PL: negatives drawn from the class's memory bank per anchor (50).")

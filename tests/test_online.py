@@ -352,7 +352,8 @@ def test_teacher_updates_follow_mean_teachers_and_u2pls_code():
     """CuriousAI/mean-teacher pytorch/main.py: alpha = min(1 - 1/(k+1), 0.999) from k = 1, so the
     first update averages half and half; Haochen-Wang409/U2PL train_semi.py: no EMA in the
     supervised epochs, the student's parameters at every step of the first semi-supervised
-    epoch, then the EMA from decay 0. Neither averages the BatchNorm statistics."""
+    epoch, then the EMA from decay 0. Neither averages the BatchNorm statistics; U2PL's first
+    semi-supervised step copies them (a declared deviation)."""
     def pair():
         torch.manual_seed(0)
         student = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1), torch.nn.BatchNorm2d(1))
@@ -374,8 +375,13 @@ def test_teacher_updates_follow_mean_teachers_and_u2pls_code():
     u2pl.before_step(teacher, student, 3, 4, 4)
     u2pl.update_teacher(teacher, student, 3, 4, semi)
     assert all(torch.equal(t, t0) for t, t0 in zip(teacher.parameters(), before)), "warm-up: no EMA"
+    assert float(teacher[1].running_mean) == 0.0
+    u2pl.before_step(teacher, student, 4, 4, 4)  # the first semi-supervised step
+    assert float(teacher[1].running_mean) == 3.0, "the student's statistics, not those of the initial weights"
+    teacher[1].running_mean.fill_(5.0)
     u2pl.before_step(teacher, student, 7, 4, 4)  # the last step of the first semi-supervised epoch
     assert all(torch.equal(t, s) for t, s in zip(teacher.parameters(), student.parameters()))
+    assert float(teacher[1].running_mean) == 5.0, "statistics copied once, at the first step"
     with torch.no_grad():
         for p in teacher.parameters():
             p.add_(1.0)

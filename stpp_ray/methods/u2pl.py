@@ -101,10 +101,14 @@ class U2PLMethod(OnlineMethod):
     @torch.no_grad()
     def before_step(self, ema, student, step: int, warmup_steps: int, steps_per_epoch: int) -> None:
         """train_semi.py: through the first semi-supervised epoch the teacher's parameters are the
-        student's at the start of every step; the EMA takes over after it."""
+        student's at the start of every step; the EMA takes over after it. Deviation: its first step
+        also copies the student's BatchNorm statistics (docs/DEVIATIONS.md)."""
         if warmup_steps <= step < warmup_steps + steps_per_epoch:
             for t, s in zip(ema.parameters(), student.parameters(), strict=True):
                 t.copy_(s)
+            if step == warmup_steps:  # the teacher's own statistics so far are those of its initial weights
+                for t, s in zip(ema.buffers(), student.buffers(), strict=True):
+                    t.copy_(s)
 
     def views(self, data, image, ignore) -> dict[str, torch.Tensor]:
         """`box1`: the CutMix region of half the crop's area."""
