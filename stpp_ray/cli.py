@@ -36,10 +36,28 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from .orchestration.compare import render_table, run_compare
     from .config import load_config
 
-    cfg = load_config(args.config, args.overrides)
-    result = run_compare(cfg, args.seeds, Path(args.out), args.oracle_split or None, methods=tuple(args.methods))
+    seeds, methods, overrides = _compare_lists(args)
+    cfg = load_config(args.config, overrides)
+    result = run_compare(cfg, seeds, Path(args.out), args.oracle_split or None, methods=methods)
     print("\n" + render_table(result["summary"]) + f"\n\ntable: {Path(args.out).resolve() / 'compare.md'}")
     return 0
+
+
+def _compare_lists(args: argparse.Namespace) -> tuple[list[int], tuple[str, ...], list[str]]:
+    """`--seeds` and `--methods` take every word after them, so overrides written after the
+    lists (`--seeds 0 1 2 ray.num_workers=1`) are moved back to the overrides."""
+    overrides = list(args.overrides)
+    seeds, methods = [], []
+    for words, out in ((args.seeds, seeds), (args.methods, methods)):
+        for word in words:
+            (overrides if "=" in word else out).append(word)
+    bad = [s for s in seeds if not s.lstrip("-").isdigit()]
+    if bad:
+        raise ValueError(f"--seeds: not an integer: {bad[0]!r}")
+    unknown = [m for m in methods if m not in method_names()]
+    if unknown:
+        raise ValueError(f"--methods: unknown method {unknown[0]!r} (known: {', '.join(method_names())})")
+    return [int(s) for s in seeds], tuple(methods), overrides
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
@@ -150,10 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="the methods and the oracle over several seeds, one table")
     p.add_argument("-c", "--config", required=True, help="YAML config file (e.g. jobs/demo.yaml)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="values of run.seed (default 0 1 2)")
+    p.add_argument("--seeds", nargs="+", default=["0", "1", "2"], help="values of run.seed (default 0 1 2)")
     p.add_argument("--out", default="runs/compare", help="output directory (default runs/compare)")
-    p.add_argument("--methods", nargs="+", choices=method_names(), default=list(method_names()),
-                   help="methods to run (default: all of them)")
+    p.add_argument("--methods", nargs="+", default=list(method_names()), metavar="METHOD",
+                   help=f"methods to run: {', '.join(method_names())} (default: all of them)")
     p.add_argument("--oracle-split", default="ImageSets/Segmentation/full/labeled.txt",
                    help="labeled split of the oracle ('' to skip it)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")

@@ -55,3 +55,19 @@ def test_oracle_epochs_count_only_the_images_a_subset_keeps(tmp_path):
     (tmp_path / "f.txt").write_text("\n".join(f"a{i}" for i in range(900)))
     cfg = load_config(None, ["data.labeled_split=l.txt", "train.epochs=80", "data.max_images=16"])
     assert oracle_epochs(cfg, tmp_path, "f.txt") == 80  # both lists cut to 16 images
+
+
+def test_overrides_may_follow_the_seed_and_method_lists():
+    """The README's `stpp-ray compare ... --seeds 0 1 2 ray.num_workers=1 ...`: argparse gives
+    every word after `--seeds` to the seeds."""
+    from stpp_ray.cli import _compare_lists, build_parser
+
+    parse = lambda *argv: _compare_lists(build_parser().parse_args(["compare", "-c", "x.yaml", *argv]))  # noqa: E731
+    assert parse("--seeds", "0", "1", "ray.num_workers=1", "ray.cpus_per_worker=2") == (
+        [0, 1], tuple(parse()[1]), ["ray.num_workers=1", "ray.cpus_per_worker=2"])
+    assert parse("train.epochs=3", "--methods", "stpp", "u2pl", "semi.epochs=2", "--seeds", "4") == (
+        [4], ("stpp", "u2pl"), ["train.epochs=3", "semi.epochs=2"])
+    with pytest.raises(ValueError, match="--seeds: not an integer: 'x'"):
+        parse("--seeds", "0", "x")
+    with pytest.raises(ValueError, match="--methods: unknown method 'nope'"):
+        parse("--methods", "nope")
