@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from stpp_ray.config import load_config
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -201,6 +203,20 @@ def test_kuberay_manifest_documents_validate_against_their_schemas():
         errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
                   for e in validators[doc["kind"]].iter_errors(doc)]
         assert not errors, (doc["kind"], errors)
+
+
+def test_kuberay_worker_range_is_served_by_the_autoscaler():
+    """KubeRay keeps `replicas` pods, clamped to [minReplicas, maxReplicas], unless the in-tree
+    autoscaler runs (ray-operator/controllers/ray/utils/util.go, GetWorkerGroupDesiredReplicas):
+    a range needs `enableInTreeAutoscaling`, and its top must hold the job's Train workers."""
+    spec = rayjob()["spec"]
+    cluster = spec["rayClusterSpec"]
+    (group,) = cluster["workerGroupSpecs"]
+    assert group["minReplicas"] != group["maxReplicas"] and cluster.get("enableInTreeAutoscaling") is True
+    assert cluster["autoscalerOptions"]["version"] == "v2"
+    job_cfg = load_config(ROOT / shlex.split(spec["entrypoint"])[3])
+    gpus = int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    assert job_cfg.ray.use_gpu and job_cfg.ray.num_workers <= group["maxReplicas"] * gpus  # one GPU per Train worker
 
 
 @pytest.mark.parametrize("breakage", [
