@@ -116,7 +116,7 @@ class TrainConfig(_Section):
         0, ge=0, description="Epochs of each student stage; 0 = `train.epochs`, as in the paper. Students see |L|+|U| images per epoch."
     )
     batch_size: int = Field(
-        16, ge=1, description="Global batch size, whatever the worker count; each worker gets batch_size / ray.num_workers."
+        16, ge=1, description="Global batch size, whatever the worker count; each worker gets its share, batch_size / ray.num_workers rounded down or up."
     )
     lr: float = Field(0.001, gt=0, description="Backbone learning rate (the paper: 0.001 x batch/16 for VOC, 0.004 for Cityscapes).")
     head_lr_multiplier: float = Field(10.0, gt=0, description="Learning-rate multiplier of the non-backbone (head) parameters.")
@@ -268,11 +268,28 @@ class SemiConfig(_Section):
 
 
 class RayConfig(_Section):
-    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks) per training stage.")
+    num_workers: int | tuple[int, int] = Field(
+        1, description="Ray Train workers (DDP ranks) per training stage, or a range `[min, max]`: elastic training, "
+        "which starts with at least `min` and grows and shrinks with the cluster (the result does not depend on the count).")
     use_gpu: bool = Field(False, description="One GPU per Train worker (NCCL backend) and GPUs for labeling actors.")
     address: str = Field("", description="Ray cluster address; empty starts or joins a local instance (RAY_ADDRESS is honoured).")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per Train worker; its torch threads follow it.")
     local_num_cpus: int = Field(0, ge=0, description="Logical CPUs of a locally started Ray (0 = this machine's cores).")
+
+    @model_validator(mode="after")
+    def _worker_range(self) -> "RayConfig":
+        low, high = self.worker_range()
+        if not 1 <= low <= high:
+            raise ValueError(f"ray.num_workers must be at least 1, or a range [min, max] with 1 <= min <= max, got {self.num_workers}")
+        return self
+
+    def worker_range(self) -> tuple[int, int]:
+        """(min, max) Train workers; equal unless elastic."""
+        return tuple(self.num_workers) if isinstance(self.num_workers, tuple) else (self.num_workers, self.num_workers)
+
+    @property
+    def max_workers(self) -> int:
+        return self.worker_range()[1]
 
 
 class RunSection(_Section):
@@ -334,15 +351,15 @@ class Config(_Section):
         for k in self.selection.extra_checkpoint_counts:
             if not 1 <= k <= self.train.epochs:
                 raise ValueError(f"selection.extra_checkpoint_counts: K={k} must lie in [1, train.epochs={self.train.epochs}]")
-        if self.train.batch_size % self.ray.num_workers:
+        workers = self.ray.max_workers
+        if self.train.batch_size < workers:
             raise ValueError(
-                f"train.batch_size ({self.train.batch_size}) must be divisible by ray.num_workers "
-                f"({self.ray.num_workers}): the global batch is split evenly across workers"
+                f"train.batch_size ({self.train.batch_size}) is smaller than ray.num_workers ({workers}): "
+                "the global batch is shared out, at least one image per worker"
             )
-        if self.unlabeled_batch_size() % self.ray.num_workers:
+        if self.unlabeled_batch_size() < workers:
             raise ValueError(
-                f"semi.unlabeled_batch_size ({self.unlabeled_batch_size()}) must be divisible by ray.num_workers "
-                f"({self.ray.num_workers})"
+                f"semi.unlabeled_batch_size ({self.unlabeled_batch_size()}) is smaller than ray.num_workers ({workers})"
             )
         if self.train.device == "cuda" and not self.ray.use_gpu:
             raise ValueError("train.device=cuda needs ray.use_gpu=true (Ray must assign GPUs to the workers)")
@@ -351,10 +368,10 @@ class Config(_Section):
         # labeled batch alone (the online methods add unlabeled images to it) needs 2+ images
         # per BatchNorm.
         labeled_alone = get_method(self.method).trains_labeled_batch_alone(self)
-        synced = self.ray.num_workers == 1 or self.train.sync_batchnorm
-        per_bn = self.train.batch_size if synced else self.train.batch_size // self.ray.num_workers
+        synced = self.ray.max_workers == 1 or self.train.sync_batchnorm
+        per_bn = self.train.batch_size if synced else self.train.batch_size // self.ray.max_workers
         if labeled_alone and per_bn < 2:
-            where = "train.batch_size" if synced else "train.batch_size / ray.num_workers (train.sync_batchnorm=false)"
+            where = "train.batch_size" if synced else "train.batch_size / ray.num_workers (train.sync_batchnorm=false), the smallest share,"
             raise ValueError(
                 f"{where} is {per_bn}: BatchNorm in the ASPP pooling branch needs at least 2 images per "
                 "BatchNorm in training; raise train.batch_size (or turn train.sync_batchnorm on)"

@@ -119,7 +119,8 @@ class GlobalBatchSampler(Sampler[list[int]]):
 
     The permutation and the cut into global batches depend only on (seed, epoch,
     dataset size, global batch), so the union over ranks is the same global batch
-    whatever the world size. Incomplete last batches are dropped, as in ST++.
+    whatever the world size (`rank_share`: it need not divide the batch). Incomplete
+    last batches are dropped, as in ST++.
 
     With `with_epoch` every index comes as an `(epoch, index)` pair: the sampler runs in
     the main process, so this carries `set_epoch` to the datasets' copies in DataLoader
@@ -128,8 +129,8 @@ class GlobalBatchSampler(Sampler[list[int]]):
 
     def __init__(self, size: int, global_batch: int, rank: int, world_size: int, seed: int,
                  with_epoch: bool = False):
-        if global_batch % world_size:
-            raise ValueError(f"global batch {global_batch} is not divisible by {world_size} workers")
+        if global_batch < world_size:
+            raise ValueError(f"a global batch of {global_batch} leaves some of {world_size} workers without an image")
         if size < global_batch:
             raise ValueError(f"{size} training images are fewer than one global batch of {global_batch}")
         self.size, self.global_batch = size, global_batch
@@ -150,9 +151,14 @@ class GlobalBatchSampler(Sampler[list[int]]):
         order = torch.randperm(self.size, generator=g).tolist()
         if self.with_epoch:
             order = [(epoch, i) for i in order]
-        per_rank = self.global_batch // self.world_size
-        starts = (b * self.global_batch + self.rank * per_rank for b in range(len(self)))
-        return iter([order[start:start + per_rank] for start in starts])
+        lo, hi = rank_share(self.global_batch, self.rank, self.world_size)
+        return iter([order[b * self.global_batch + lo:b * self.global_batch + hi] for b in range(len(self))])
+
+
+def rank_share(batch: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[start, end) of `rank`'s slice of a batch: consecutive, sizes differing by at most one
+    where `world_size` does not divide `batch` (an elastic group of any size)."""
+    return batch * rank // world_size, batch * (rank + 1) // world_size
 
 
 def build_optimizer(backbone_params, head_params, lr: float, head_lr_multiplier: float,

@@ -52,7 +52,9 @@ def test_unknown_override_section_is_rejected(tmp_path):
     ("selection.reliable_fraction=0", "selection.reliable_fraction"),
     ("selection.reliable_fraction=1.5", "selection.reliable_fraction"),
     ("selection.num_checkpoints=5", "must not exceed train.epochs"),
-    ("train.batch_size=15", "divisible by ray.num_workers"),
+    ("train.batch_size=1", "smaller than ray.num_workers (2)"),
+    ("ray.num_workers=[4,2]", "a range [min, max] with 1 <= min <= max"),
+    ("ray.num_workers=[1,32]", "smaller than ray.num_workers (32)"),
     ("model.backbone=vgg", "model.backbone"),
     ("method=magic", "method"),
 ])
@@ -61,6 +63,12 @@ def test_impossible_values_are_refused(override, fragment):
     with pytest.raises(ConfigError) as err:
         load_config(None, base + [override])
     assert fragment in str(err.value)
+
+
+def test_a_worker_range_is_elastic_and_a_batch_need_not_divide():
+    elastic = load_config(None, ["ray.num_workers=[1, 8]"]).ray
+    assert elastic.num_workers == (1, 8) and elastic.worker_range() == (1, 8) and elastic.max_workers == 8
+    assert load_config(None, ["ray.num_workers=3", "train.batch_size=16"]).ray.worker_range() == (3, 3)
 
 
 def test_bad_override_syntax():

@@ -216,7 +216,7 @@ def test_kuberay_worker_range_is_served_by_the_autoscaler():
     assert cluster["autoscalerOptions"]["version"] == "v2"
     job_cfg = load_config(ROOT / shlex.split(spec["entrypoint"])[3])
     gpus = int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
-    assert job_cfg.ray.use_gpu and job_cfg.ray.num_workers <= group["maxReplicas"] * gpus  # one GPU per Train worker
+    assert job_cfg.ray.use_gpu and job_cfg.ray.max_workers <= group["maxReplicas"] * gpus  # one GPU per Train worker
 
 
 @pytest.mark.parametrize("breakage", [

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from stpp_ray.training import GlobalBatchSampler, build_optimizer, poly_scheduler, sample_seed, train_one_epoch
+from stpp_ray.training import GlobalBatchSampler, build_optimizer, poly_scheduler, rank_share, sample_seed, train_one_epoch
 from stpp_ray.models import build_model, convert_batchnorm_for_distributed, split_parameters
 from tests.helpers import assert_states_close, run_on_gloo_workers
 
 
-@pytest.mark.parametrize("world", [1, 2, 4])
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 5])
 def test_ranks_share_the_same_global_batches(world):
     single = list(GlobalBatchSampler(37, 8, 0, 1, seed=3))
     shards = [list(GlobalBatchSampler(37, 8, r, world, seed=3)) for r in range(world)]
@@ -26,9 +26,15 @@ def test_epochs_reshuffle_and_seeds_are_worker_independent():
     assert sample_seed(0, 1, 5) == sample_seed(0, 1, 5) != sample_seed(0, 2, 5)
 
 
+def test_a_world_that_does_not_divide_the_batch_gets_shares_differing_by_one():
+    """An elastic group may shrink to any size: 8 images over 3 workers are 2, 3 and 3."""
+    assert [rank_share(8, r, 3) for r in range(3)] == [(0, 2), (2, 5), (5, 8)]
+    assert [len(next(iter(GlobalBatchSampler(37, 8, r, 3, seed=3)))) for r in range(3)] == [2, 3, 3]
+
+
 def test_sampler_refuses_impossible_shapes():
-    with pytest.raises(ValueError, match="divisible"):
-        GlobalBatchSampler(32, 6, 0, 4, 0)
+    with pytest.raises(ValueError, match="leaves some of 4 workers without an image"):
+        GlobalBatchSampler(32, 3, 0, 4, 0)
     with pytest.raises(ValueError, match="fewer than one global batch"):
         GlobalBatchSampler(3, 8, 0, 1, 0)
 
@@ -65,19 +71,21 @@ def _one_step(world: int, rank: int) -> dict:
     opt = build_optimizer(backbone, head, lr=0.05, head_lr_multiplier=10, momentum=0.9, weight_decay=1e-4)
     sched = poly_scheduler(opt, 10, 0.9)
     x, y = _data()
-    per = len(x) // world
-    batch = [(x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per])]
+    lo, hi = rank_share(len(x), rank, world)
+    batch = [(x[lo:hi], y[lo:hi])]
     stats = train_one_epoch(model, batch * 2, opt, sched, torch.device("cpu"))
     state = {k: v.clone() for k, v in getattr(model, "module", model).state_dict().items()}
     return {"state": state, "loss": stats["loss"]}
 
 
-def test_two_workers_take_the_same_steps_as_one(tmp_path):
-    """Synchronised BN + global pixel normalisation: 2 workers x 4 images == 1 worker x 8."""
+@pytest.mark.parametrize("world", [2, 3])
+def test_two_or_three_workers_take_the_same_steps_as_one(tmp_path, world):
+    """Synchronised BN + global pixel normalisation: 2 workers x 4 images, or 3 workers with
+    2, 3 and 3 (an elastic group's uneven shares), == 1 worker x 8."""
     single = _one_step(1, 0)
-    two = run_on_gloo_workers(_one_step, 2, tmp_path / "two.pt")
-    assert two["loss"] == pytest.approx(single["loss"], rel=1e-5)
-    assert_states_close(two["state"], single["state"])
+    many = run_on_gloo_workers(_one_step, world, tmp_path / "many.pt")
+    assert many["loss"] == pytest.approx(single["loss"], rel=1e-5)
+    assert_states_close(many["state"], single["state"])
 
 
 def test_augmentation_depends_only_on_seed_epoch_and_index(tmp_path):

@@ -160,7 +160,7 @@ def overrides_for(command: str, cfg, root: Path, out: Path) -> dict[str, object]
         "train.epochs": max_checkpoints(command, cfg),
         "train.student_epochs": 1,
         "semi.epochs": 1,
-        "ray.num_workers": min(cfg.ray.num_workers, TEST_WORKERS),
+        "ray.num_workers": min(cfg.ray.max_workers, TEST_WORKERS),
         "ray.use_gpu": False,
         "ray.cpus_per_worker": 1,
         "label.cpus_per_actor": 1,

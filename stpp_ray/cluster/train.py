@@ -30,7 +30,7 @@ from ..methods import get_method
 from ..methods.base import ONLINE
 from ..methods.online import cycle, train_online_epoch
 from ..stage_setup import RankTraining, StageSpec, build_train_items, setup_rank
-from ..training import sample_seed, train_one_epoch
+from ..training import rank_share, sample_seed, train_one_epoch
 from ..weights import architecture, save_weights, unwrap
 
 FAULT_MARKER = ".fault_injected"
@@ -71,6 +71,11 @@ def _truncate_metrics(stage_dir: Path, last_epoch: int) -> None:
         return
     keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["epoch"] <= last_epoch]
     path.write_text("".join(line + "\n" for line in keep))
+
+
+def _shares(batch: int, world: int) -> str:
+    sizes = sorted({hi - lo for lo, hi in (rank_share(batch, r, world) for r in range(world))})
+    return " or ".join(map(str, sizes))
 
 
 def _should_eval(epoch: int, epochs: int, interval: int) -> bool:
@@ -124,7 +129,7 @@ class StageWorker:
         _truncate_metrics(self.stage_dir, self.start_epoch)
         unlabeled = f" + {len(spec.unlabeled)} unlabeled (global batch {cfg.unlabeled_batch_size()})" if self.online else ""
         _say(f"[{spec.name}] {len(setup.train_set)} training images{unlabeled}, {setup.steps_per_epoch()} steps/epoch, "
-             f"global batch {cfg.train.batch_size} = {self.world} x {cfg.train.batch_size // self.world}, "
+             f"global batch {cfg.train.batch_size} over {self.world} worker(s) ({_shares(cfg.train.batch_size, self.world)} each), "
              f"device {self.device}")
 
     def run(self) -> None:
@@ -301,7 +306,7 @@ def fit_stage(cfg: Config, spec: StageSpec, storage_path: Path, callbacks: list 
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.model_dump(), "stage": spec.to_dict()},
-        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,  # a tuple: elastic
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
         run_config=RunConfig(
