@@ -35,6 +35,11 @@ def _local_quantile(values: torch.Tensor, q: float) -> torch.Tensor | None:
     return torch.quantile(values.float(), q) if values.numel() else None
 
 
+def pixel_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Per-pixel entropy (B x H x W) of class probabilities (B x C x H x W)."""
+    return -(probs * probs.clamp_min(1e-12).log()).sum(1)
+
+
 def u2pl_drop_unreliable(pseudo: torch.Tensor, probs: torch.Tensor, percent: float,
                          ignore_index: int = IGNORE_INDEX, quantile=_local_quantile) -> torch.Tensor:
     """A copy of `pseudo` (B x H x W) where the valid pixels whose entropy (of `probs`,
@@ -45,7 +50,7 @@ def u2pl_drop_unreliable(pseudo: torch.Tensor, probs: torch.Tensor, percent: flo
     if percent <= 0:
         return out
     valid = pseudo != ignore_index
-    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1)
+    entropy = pixel_entropy(probs)
     threshold = quantile(entropy[valid], 1.0 - min(percent, 100.0) / 100.0)
     if threshold is not None:
         out[valid & (entropy >= threshold)] = ignore_index
@@ -166,7 +171,7 @@ class U2PLMethod(OnlineMethod):
         _, teacher_small, teacher_rep = teacher_out
         with torch.no_grad():
             valid = pseudo != IGNORE_INDEX
-            entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1)
+            entropy = pixel_entropy(probs)
             alpha = s.u2pl_entropy_percent * (1.0 - (ctx.epoch - 1) / ctx.epochs) / 100.0
             low, high = global_quantile(entropy[valid], alpha), global_quantile(entropy[valid], 1.0 - alpha)
             low_u = valid & (entropy <= low) if low is not None else torch.zeros_like(valid)
