@@ -166,7 +166,7 @@ class StageWorker:
                                     amp=cfg.train.amp, criterion=self.criterion)
         record = {"stage": spec.name, "epoch": epoch, "loss": stats["loss"], "lr": stats["lr"],
                   "images_per_s": stats["images_per_s"], "train_seconds": stats["seconds"], "started_at": started_at,
-                  "steps": stats["steps"], "images": stats["images"]}
+                  "steps": stats["steps"], "images": stats["images"], "workers": self.world}
         record.update({k: v for k, v in stats.items() if k.startswith("loss_")})
         return record
 
