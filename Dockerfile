@@ -11,9 +11,9 @@ WORKDIR /home/ray/stpp_ray
 # Dependencies first (cached while only the code changes); versions as pinned in pyproject.toml.
 RUN pip install --no-cache-dir "torch==2.14.1" "torchvision==0.29.1" "ray[default,train,data,tune]==2.58.0"
 
-COPY --chown=ray:users pyproject.toml README.md ./
+COPY --chown=ray:users pyproject.toml README.md LICENSE ./
 COPY --chown=ray:users stpp_ray ./stpp_ray
 COPY --chown=ray:users jobs ./jobs
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir ".[tracking]"
 
 CMD ["stpp-ray", "--help"]

@@ -367,3 +367,30 @@ def test_every_code_folder_of_the_package_ships_in_a_wheel():
     root = Path(__file__).resolve().parents[1] / "stpp_ray"
     folders = {p.parent for p in root.rglob("*.py")} - {root / "splits"}
     assert {f.relative_to(root).as_posix() for f in folders if not (f / "__init__.py").exists()} == set()
+
+
+def test_what_the_dockerfile_copies_builds_the_package(tmp_path):
+    """The image's `pip install` sees only the files the Dockerfile COPYs: the package built from
+    them holds the license and the shipped split lists (setuptools only warns when
+    pyproject's license file is missing)."""
+    import shutil
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    context = tmp_path / "context"
+    context.mkdir()
+    for line in (root / "Dockerfile").read_text().splitlines():
+        if line.startswith("COPY "):
+            *sources, _ = [w for w in line.split()[1:] if not w.startswith("--")]
+            for src in sources:
+                (shutil.copytree if (root / src).is_dir() else shutil.copy)(root / src, context / src)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(tmp_path / "wheel"), str(context)], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-2000:]
+    import zipfile
+
+    (wheel,) = (tmp_path / "wheel").glob("stpp_ray-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), "the wheel lacks the LICENSE"
+    assert any(n.startswith("stpp_ray/splits/") and n.endswith(".txt") for n in names), "no split lists"
