@@ -318,6 +318,15 @@ class SweepConfig(_Section):
     trial_max_failures: int = Field(0, ge=0, description="Retries of a failed trial (it resumes from its finished stages).")
 
 
+class TrackingConfig(_Section):
+    mlflow_uri: str = Field(
+        "", description="MLflow tracking URI (`file:///abs/mlruns`, `http://host:5000`, ...); empty turns tracking off. "
+        "Needs `pip install 'stpp_ray[tracking]'`."
+    )
+    experiment: str = Field("stpp_ray", description="MLflow experiment the runs go to (created if missing).")
+    run_name: str = Field("", description="Name of the parent MLflow run; empty: the run directory's name.")
+
+
 class Config(_Section):
     method: str = Field(
         "stpp", description="Pipeline: " + ", ".join(f"`{name}`" for name in method_names())
@@ -333,6 +342,7 @@ class Config(_Section):
     run: RunSection = Field(default_factory=RunSection)
     semi: SemiConfig = Field(default_factory=SemiConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @field_validator("method")
     @classmethod

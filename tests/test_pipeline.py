@@ -63,7 +63,7 @@ def test_a_changed_max_images_retrains_the_teacher_and_everything_after_it():
 def interrupted_then_resumed(ray_local, smoke_data, tmp_path_factory):
     """An ST++ run killed in student1 (no restarts allowed), then rerun with the same config."""
     out = tmp_path_factory.mktemp("stpp") / "run"
-    cfg = smoke_config(smoke_data, out, "train.max_failures=0")
+    cfg = smoke_config(smoke_data, out, "train.max_failures=0", f"tracking.mlflow_uri=file://{out.parent / 'mlruns'}")
     with pytest.raises(Exception), injected_fault("student1", 2):
         Pipeline(cfg).run()
     first = {
@@ -114,6 +114,31 @@ def test_report_and_pictures(interrupted_then_resumed):
         assert (out / pic).stat().st_size > 1000
     assert "student2" in (out / "report.md").read_text()
     assert (out / "teacher" / "tensorboard").is_dir()
+
+
+def test_mlflow_holds_each_stage_once_with_the_epochs_of_metrics_jsonl(interrupted_then_resumed):
+    """The killed run and its rerun make one MLflow run with one nested run per stage."""
+    from mlflow.tracking import MlflowClient
+
+    cfg, out, _, report = interrupted_then_resumed
+    client = MlflowClient(cfg.tracking.mlflow_uri)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    parents = client.search_runs([experiment.experiment_id], "tags.`stpp_ray.output_dir` = '%s'" % out)
+    assert [(p.info.run_name, p.info.status) for p in parents] == [("run", "FINISHED")]
+    parent = parents[0]
+    assert parent.data.params["selection.reliable_fraction"] == str(cfg.selection.reliable_fraction)
+    assert parent.data.metrics["final_miou"] == pytest.approx(report["final"]["miou"])
+    children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(c.info.run_name for c in children) == sorted(s["name"] for s in report["stages"])
+    assert {c.info.status for c in children} == {"FINISHED"}
+    by_name = {c.info.run_name: c.info.run_id for c in children}
+    for stage in ("teacher", "student1", "student2"):
+        records = [json.loads(line) for line in (out / stage / "metrics.jsonl").read_text().splitlines()]
+        for key in ("loss", "lr", "images_per_s", "val_miou"):
+            logged = [(m.step, m.value) for m in client.get_metric_history(by_name[stage], key)]
+            assert logged == [(r["epoch"], pytest.approx(r[key])) for r in records if key in r], (stage, key)
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"report.json", "report.md", "stability_histogram.png", "per_class_iou.png"} <= artifacts
 
 
 def test_changed_config_recomputes_what_depends_on_it(interrupted_then_resumed):

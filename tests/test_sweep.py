@@ -185,7 +185,8 @@ def two_trial_sweep(ray_local, smoke_data, tmp_path_factory):
     d = tmp_path_factory.mktemp("sweep")
     config = _write(d / "sweep.yaml", ["train.epochs=3", "train.student_epochs=1", "train.eval_interval=0",
                                         "sweep.params={selection.reliable_fraction: [0.5], "
-                                        "selection.num_checkpoints: [2, 3]}"], smoke_data, d / "run")
+                                        "selection.num_checkpoints: [2, 3]}",
+                                        f"tracking.mlflow_uri=file://{d / 'mlruns'}"], smoke_data, d / "run")
     first = run_sweep(config, [])
     again = run_sweep(config, [])  # a finished sweep run again: nothing is retrained
     return first, again, d / "run"
@@ -225,6 +226,33 @@ def test_rerunning_a_finished_sweep_keeps_its_trials(two_trial_sweep):
     assert again["teacher_trainings"] == 1
     assert [(t["name"], t["final_miou"]) for t in again["trials"]] == [(t["name"], t["final_miou"]) for t in first["trials"]]
     assert again["wall_s"] < first["wall_s"] / 2
+
+
+@pytest.mark.ray
+def test_mlflow_nests_the_shared_stages_and_each_trial_under_the_sweep_once(two_trial_sweep):
+    from mlflow.tracking import MlflowClient
+
+    summary, _, sweep_dir = two_trial_sweep
+    client = MlflowClient(f"file://{sweep_dir.parent / 'mlruns'}")
+    experiment = client.get_experiment_by_name("stpp_ray").experiment_id
+    runs = client.search_runs([experiment])
+    parent_of = {r.info.run_id: r.data.tags.get("mlflow.parentRunId") for r in runs}
+    by_id = {r.info.run_id: r for r in runs}
+    (sweep,) = [r for r in runs if parent_of[r.info.run_id] is None]
+    assert sweep.info.run_name == "run" and sweep.info.status == "FINISHED"
+    assert sweep.data.metrics["best_final_miou"] == pytest.approx(summary["best"]["final_miou"])
+    assert "sweep.md" in {a.path for a in client.list_artifacts(sweep.info.run_id)}
+    nested = sorted(r.info.run_name for r in runs if parent_of[r.info.run_id] == sweep.info.run_id)
+    shared_name = next(p.name for p in (sweep_dir / "shared").iterdir() if p.is_dir())
+    assert nested == sorted([shared_name, *(t["name"] for t in summary["trials"])])  # the rerun added none
+    for run in runs:
+        parent = by_id.get(parent_of[run.info.run_id])
+        if parent is not None and parent.info.run_name == shared_name:
+            assert run.info.run_name in {"check_data", "teacher", "label_teacher"}
+        if parent is not None and parent.info.run_name in {t["name"] for t in summary["trials"]}:
+            assert run.info.run_name not in {"teacher", "label_teacher"}  # the trials reused them
+    teacher = next(r for r in runs if r.info.run_name == "teacher")
+    assert len(client.get_metric_history(teacher.info.run_id, "loss")) == 3
 
 
 @pytest.mark.ray

@@ -28,6 +28,7 @@ from ..methods import get_method
 from ..orchestration.pipeline import Pipeline
 from ..files import write_json_atomic
 from ..plots import sweep_heatmap
+from ..tracking import make_tracker
 from .session import init_ray
 from ..orchestration.sweep import (K_KEY, SweepError, best_trial, check_space, checkpoint_counts, compute_summary, grid_cells,
                     render_markdown, run_command, shared_summary, touches_shared, trial_label)
@@ -73,7 +74,7 @@ def _stage_seconds(report: dict) -> float:
                if not s.get("reused") and s["name"] not in shared)
 
 
-def sweep_trial(config: dict, base_raw: dict, sweep_dir: str) -> None:
+def sweep_trial(config: dict, base_raw: dict, sweep_dir: str, tracking_parent: str | None = None) -> None:
     """One Tune trial: the ST++ pipeline of one point of the search space, sharing the teacher."""
     params = {k: _plain(v) for k, v in config["params"].items()}
     name = tune.get_context().get_trial_name()  # Ray Tune: this trial's name (from _trial_name)
@@ -84,7 +85,7 @@ def sweep_trial(config: dict, base_raw: dict, sweep_dir: str) -> None:
     set_dotted(raw, "run.output_dir", str(run_dir))
     cfg = config_from_dict(raw, f"trial {name}")
     start = time.perf_counter()
-    pipeline = Pipeline(cfg, shared_root=Path(sweep_dir) / "shared",
+    pipeline = Pipeline(cfg, shared_root=Path(sweep_dir) / "shared", tracking_parent=tracking_parent,
                         train_callbacks=lambda: [TuneReportCallback()])  # Ray Tune: students' reports reach Tune
     report = pipeline.run()
     final = report["final"]
@@ -169,17 +170,31 @@ def run_sweep(config_path: str, overrides: list[str], retry_failed: bool = False
     _guard_sweep_dir(sweep_dir, raw)
     start = time.perf_counter()
     init_ray(base, extra_cpus=cfg.sweep.max_concurrent_trials)  # one logical CPU per trial's driver
+    tracker = make_tracker(base, sweep_dir)  # the sweep's MLflow run; trials and shared stages nest under it
+    try:
+        summary = _run_trials(cfg, base, raw, sweep_dir, config_path, overrides, retry_failed, start,
+                              getattr(tracker, "run_id", None))
+    except BaseException:
+        tracker.failed()
+        raise
+    best = summary.get("best") or {}
+    tracker.finish(["sweep.json", "sweep.md", "sweep_heatmap.png"], {f"best_{cfg.sweep.metric}": best.get(cfg.sweep.metric)})
+    return summary
+
+
+def _run_trials(cfg: Config, base: Config, raw: dict, sweep_dir: Path, config_path: str, overrides: list[str],
+                retry_failed: bool, start: float, tracking_parent: str | None) -> dict:
 
     swept = sorted(cfg.sweep.params)
     if not touches_shared(swept):
         print(f"[sweep] shared stages: one teacher (checkpoints at epochs {base.scoring_checkpoint_epochs()}) "
               f"and one labeling pass for every trial", flush=True)
-        Pipeline(base, shared_root=sweep_dir / "shared").run_shared()
+        Pipeline(base, shared_root=sweep_dir / "shared", tracking_parent=tracking_parent).run_shared()
     else:
         print(f"[sweep] {', '.join(k for k in swept if touches_shared([k]))} change the teacher: "
               f"each distinct teacher is trained once, by the first trial that needs it", flush=True)
 
-    trainable = tune.with_parameters(sweep_trial, base_raw=raw, sweep_dir=str(sweep_dir))
+    trainable = tune.with_parameters(sweep_trial, base_raw=raw, sweep_dir=str(sweep_dir), tracking_parent=tracking_parent)
     tune_dir = sweep_dir / "tune"
     if tune.Tuner.can_restore(str(tune_dir)):
         print(f"[sweep] resuming the sweep in {tune_dir} (finished trials are kept"

@@ -21,16 +21,19 @@ from ..methods import get_method
 from ..methods.base import PseudoLabels, Stage, derive_fingerprint
 from ..methods.self_training import shared_fingerprint
 from ..selection import select_reliable, selection_to_json
+from ..tracking import NullTracker, make_tracker
 from .manifest import Manifest
 
 
 class Pipeline:
     """Builds and runs the stage graph of `cfg.method` in `cfg.run.output_dir`."""
 
-    def __init__(self, cfg: Config, shared_root: Path | None = None, train_callbacks: Callable[[], list] | None = None):
+    def __init__(self, cfg: Config, shared_root: Path | None = None, train_callbacks: Callable[[], list] | None = None,
+                 tracking_parent: str | None = None, tracking_params: dict | None = None):
         """`shared_root` (sweeps): the shared stages live in `shared_root/<shared fingerprint>`,
         reused by every run with the same teacher config. `train_callbacks` makes the Ray Train
-        callbacks of each training stage that is not shared (a sweep's Tune reporting)."""
+        callbacks of each training stage that is not shared (a sweep's Tune reporting).
+        `tracking_parent`: the MLflow run this run's MLflow run nests under (a sweep's)."""
         self.cfg = cfg
         self.method = get_method(cfg.method)
         self.run_dir = Path(cfg.run.output_dir).resolve()
@@ -40,6 +43,8 @@ class Pipeline:
         self.manifest = Manifest(self.run_dir / "manifest.json")
         self.shared_manifest = Manifest(self.shared_dir / "manifest.json") if shared_root else self.manifest
         self.results: dict[str, dict] = {}
+        self.tracking_parent, self.tracking_params = tracking_parent, tracking_params
+        self.tracker = NullTracker()
 
     def _shared_lock(self) -> Path | None:
         """The lock file of the shared stages when they live outside this run (sweeps)."""
@@ -185,29 +190,40 @@ class Pipeline:
         from .report import write_report
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.prepare_data()
-        timeline: list[dict] = []
-        stages = self.stages()
-        shared = self.method.shared_stages
-        with locked(self._shared_lock()):
+        self.tracker = make_tracker(self.cfg, self.run_dir, self.tracking_parent, self.tracking_params)
+        try:
+            self.prepare_data()
+            timeline: list[dict] = []
+            stages = self.stages()
+            shared = self.method.shared_stages
+            with locked(self._shared_lock()):
+                for stage in stages:
+                    if stage.name in shared:
+                        self._run_stage(stage, self.shared_manifest, timeline)
             for stage in stages:
-                if stage.name in shared:
-                    self._run_stage(stage, self.shared_manifest, timeline)
-        for stage in stages:
-            if stage.name not in shared:
-                self._run_stage(stage, self.manifest, timeline)
-        return write_report(self.cfg, self.run_dir, self.results, timeline, partial=False,
-                            image_paths={s.image_id: str(s.image_path) for s in self.unlabeled})
+                if stage.name not in shared:
+                    self._run_stage(stage, self.manifest, timeline)
+            report = write_report(self.cfg, self.run_dir, self.results, timeline, partial=False,
+                                  image_paths={s.image_id: str(s.image_path) for s in self.unlabeled})
+        except BaseException:
+            self.tracker.failed()
+            raise
+        pictures = [*report.get("pictures", []), (report.get("selection") or {}).get("picture")]
+        self.tracker.finish(["report.json", "report.md", *filter(None, pictures)],
+                            {"final_miou": report["final"].get("miou"), "teacher_miou": report["teacher"].get("miou")})
+        return report
 
     def run_shared(self) -> dict[str, dict]:
         """Only the shared stages (a sweep's driver runs them before any trial)."""
         self.shared_dir.mkdir(parents=True, exist_ok=True)
+        self.tracker = make_tracker(self.cfg, self.shared_dir, self.tracking_parent, self.tracking_params)
         self.prepare_data()
         timeline: list[dict] = []
         with locked(self._shared_lock()):
             for stage in self.stages():
                 if stage.name in self.method.shared_stages:
                     self._run_stage(stage, self.shared_manifest, timeline, report=False)
+        self.tracker.finish([], {})
         return {entry["name"]: entry for entry in timeline}
 
     def _run_stage(self, stage: Stage, manifest: Manifest, timeline: list[dict], report: bool = True) -> None:
@@ -218,16 +234,26 @@ class Pipeline:
             print(f"[pipeline] stage '{stage.name}' already done: reusing its outputs", flush=True)
             self.results[stage.name] = previous
             timeline.append({"name": stage.name, "reused": True, **_brief(previous)})
+            # Logged now if an earlier run did not (tracking turned on later, or a crash), except
+            # a sweep trial's shared stages: the run that trained them logged them.
+            if stage.name not in self.method.shared_stages or self.shared_dir == self.run_dir or not report:
+                self.tracker.stage_reused(stage.name, self.home(stage.name) / stage.name, previous)
             return
         if stage.name != "check_data":
             from ..cluster.session import init_ray
             init_ray(self.cfg)
         print(f"[pipeline] stage '{stage.name}' starting", flush=True)
+        follower = self.tracker.stage_started(stage.name, self.home(stage.name) / stage.name)
         start = time.perf_counter()
-        result = stage.run()
+        try:
+            result = stage.run()
+        except BaseException:
+            self.tracker.stage_finished(follower, {}, status="FAILED")
+            raise
         result.setdefault("wall_s", time.perf_counter() - start)
         self.results[stage.name] = result
         manifest.record(stage, result)
+        self.tracker.stage_finished(follower, result)
         timeline.append({"name": stage.name, "reused": False, **_brief(result)})
         if report:
             write_report(self.cfg, self.run_dir, self.results, timeline, partial=True)
