@@ -300,11 +300,14 @@ class RunSection(_Section):
 class SweepConfig(_Section):
     params: dict[str, Any] = Field(
         {"selection.reliable_fraction": [0.3, 0.5, 0.7], "selection.num_checkpoints": [2, 3, 4]},
-        description="Search space of `stpp-ray sweep`: dotted key -> list of values (grid, or a choice in random search), "
-        "or in random search `{uniform: [lo, hi]}`, `{loguniform: [lo, hi]}`, `{randint: [lo, hi]}` (hi exclusive).",
+        description="Search space of `stpp-ray sweep`: dotted key -> list of values (grid, or a choice in random and "
+        "optuna search), or in those `{uniform: [lo, hi]}`, `{loguniform: [lo, hi]}`, `{randint: [lo, hi]}` (hi exclusive).",
     )
-    search: Literal["grid", "random"] = Field("grid", description="`grid`: every combination; `random`: `sweep.num_samples` draws.")
-    num_samples: int = Field(1, ge=1, description="Grid: repeats of the whole grid; random: number of trials.")
+    search: Literal["grid", "random", "optuna"] = Field(
+        "grid", description="`grid`: every combination; `random`: `sweep.num_samples` draws; `optuna`: `sweep.num_samples` "
+        "trials chosen by Optuna's TPE from the finished trials' `sweep.metric` (`pip install 'stpp_ray[tune]'`)."
+    )
+    num_samples: int = Field(1, ge=1, description="Grid: repeats of the whole grid; random and optuna: number of trials.")
     metric: Literal["final_miou", "best_miou"] = Field(
         "final_miou", description="What ranks trials: the last student's val mIoU at its last epoch, or its best val mIoU."
     )

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from stpp_ray.config import SweepConfig, checkpoint_epochs, load_config, parse_override
+from stpp_ray.config import Config, SweepConfig, checkpoint_epochs, load_config, parse_override
 from stpp_ray.labeling import Labeler
 from stpp_ray.pseudo_labels import SCHEMA, PseudoLabelError, scores
 from stpp_ray.selection import select_reliable
@@ -282,3 +282,54 @@ def test_a_failed_trial_is_reported_and_the_others_finish(ray_local, smoke_data,
     assert summary["teacher_trainings"] == 1
     md = (tmp_path / "run" / "sweep.md").read_text()
     assert "failed:" in md
+
+
+def test_optuna_is_told_final_results_only_and_suggests_from_the_space():
+    """Ray's OptunaSearch behind `FinalResultSearcher`: the students' reports along the way
+    (no `final_miou`) are ignored, a trial's final result is Optuna's objective, and a trial
+    stopped early counts as pruned. Seeded: the same suggestions each time."""
+    pytest.importorskip("optuna")
+    from stpp_ray.cluster.tune import _search_alg, _tune_space
+
+    cfg = Config.model_validate({"sweep": {"search": "optuna", "num_samples": 4, "params": {
+        "train.lr": {"loguniform": [1e-4, 1e-1]}, "semi.confidence_threshold": {"uniform": [0.8, 0.99]},
+        R_KEY: [0.3, 0.5]}}})
+
+    def run(seed_cfg):
+        searcher = _search_alg(seed_cfg)
+        assert searcher.set_search_properties(None, None, {"params": _tune_space(seed_cfg.sweep.params, "optuna")})
+        suggested = []
+        for i in range(3):
+            params = searcher.suggest(f"t{i}")["params"]
+            assert 1e-4 <= params["train.lr"] <= 1e-1 and 0.8 <= params["semi.confidence_threshold"] <= 0.99
+            assert params[R_KEY] in (0.3, 0.5)
+            searcher.on_trial_result(f"t{i}", {"val_miou": 0.1, "training_iteration": 1})
+            searcher.on_trial_complete(f"t{i}", {"final_miou": 0.1 * i} if i < 2 else {"val_miou": 0.2})
+            suggested.append(params)
+        return searcher, suggested
+
+    searcher, first = run(cfg)
+    study = searcher.searcher.inner._ot_study
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "PRUNED"]
+    assert [t.value for t in study.trials[:2]] == [0.0, 0.1]
+    assert run(cfg)[1] == first
+    assert searcher.max_concurrent == cfg.sweep.max_concurrent_trials
+
+
+@pytest.mark.ray
+def test_an_optuna_sweep_of_a_continuous_r_shares_one_teacher(ray_local, smoke_data, tmp_path):
+    pytest.importorskip("optuna")
+    from stpp_ray.cluster.tune import run_sweep
+
+    config = _write(tmp_path / "sweep.yaml", ["train.epochs=2", "train.student_epochs=1", "train.eval_interval=0",
+                                              "selection.num_checkpoints=1", "sweep.search=optuna", "sweep.num_samples=1",
+                                              "sweep.params={selection.reliable_fraction: {uniform: [0.3, 0.7]}}"],
+                    smoke_data, tmp_path / "run")
+    summary = run_sweep(config, [])  # one trial: the test above covers Optuna across trials
+    (trial,) = summary["trials"]
+    assert trial["status"] == "completed" and 0.3 <= trial["params"][R_KEY] <= 0.7
+    assert trial["params"][R_KEY] not in (0.3, 0.5, 0.7)  # drawn from the interval, not a grid
+    selection = json.loads((tmp_path / "run" / "trials" / trial["name"] / "selection.json").read_text())
+    total = len(selection["reliable"]) + len(selection["unreliable"])
+    assert len(selection["reliable"]) == int(trial["params"][R_KEY] * total)
+    assert summary["teacher_trainings"] == 1 and summary["search"] == "optuna"

@@ -21,6 +21,7 @@ from pathlib import Path
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import Searcher
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from ..config import Config, config_from_dict, load_raw, set_dotted
@@ -125,6 +126,54 @@ def _scheduler(cfg: Config):
                          reduction_factor=cfg.sweep.asha_reduction_factor)
 
 
+class FinalResultSearcher(Searcher):
+    """Optuna told only each trial's final result. The students' reports along the way (for ASHA)
+    lack `sweep.metric`, which Ray's OptunaSearch would index and Tune's metric check refuse."""
+
+    def __init__(self, inner: Searcher):
+        super().__init__()  # no metric: Tune checks none in the students' reports
+        self.inner = inner
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return self.inner.set_search_properties(self.inner.metric, self.inner.mode, config, **spec)
+
+    def suggest(self, trial_id: str):
+        return self.inner.suggest(trial_id)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        pass
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        # Stopped by ASHA (no final metric): Optuna records it as pruned.
+        self.inner.on_trial_complete(trial_id, result if result and self.inner.metric in result else None, error)
+
+    def save(self, checkpoint_path: str) -> None:
+        self.inner.save(checkpoint_path)
+
+    def restore(self, checkpoint_path: str) -> None:
+        self.inner.restore(checkpoint_path)
+
+
+def _search_alg(cfg: Config) -> Searcher:
+    # Ray Tune ignores TuneConfig.max_concurrent_trials once a search_alg is given.
+    if cfg.sweep.search != "optuna":
+        return BasicVariantGenerator(max_concurrent=cfg.sweep.max_concurrent_trials, random_state=cfg.run.seed)
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna = OptunaSearch(metric=cfg.sweep.metric, mode=cfg.sweep.mode, seed=cfg.run.seed)  # TPE, seeded
+    return ConcurrencyLimiter(FinalResultSearcher(optuna), max_concurrent=cfg.sweep.max_concurrent_trials)
+
+
+def check_optuna(cfg: Config) -> None:
+    """`sweep.search: optuna` needs Optuna: say so before any teacher is trained."""
+    if cfg.sweep.search == "optuna":
+        try:
+            import optuna  # noqa: F401
+        except ImportError:
+            raise SweepError("sweep.search is 'optuna' but Optuna is not installed: pip install 'stpp_ray[tune]'") from None
+
+
 def _error_text(error) -> str:
     cause = getattr(error, "cause", None) or error
     text = f"{type(cause).__name__}: {cause}".strip()
@@ -159,6 +208,7 @@ def run_sweep(config_path: str, overrides: list[str], retry_failed: bool = False
     raw, source = load_raw(config_path, overrides)
     cfg = config_from_dict(raw, source)
     check_space(raw, cfg.sweep)
+    check_optuna(cfg)
     raw = _absolute_paths(raw)
     counts = checkpoint_counts(cfg.sweep)
     if counts:
@@ -207,9 +257,7 @@ def _run_trials(cfg: Config, base: Config, raw: dict, sweep_dir: Path, config_pa
             tune_config=tune.TuneConfig(
                 num_samples=cfg.sweep.num_samples,
                 scheduler=_scheduler(base),
-                # Ray Tune ignores TuneConfig.max_concurrent_trials once a search_alg is given.
-                search_alg=BasicVariantGenerator(max_concurrent=cfg.sweep.max_concurrent_trials,
-                                                 random_state=cfg.run.seed),
+                search_alg=_search_alg(cfg),
                 trial_name_creator=_trial_name,
                 trial_dirname_creator=_trial_name,
             ),

@@ -43,7 +43,7 @@ def _candidate_values(key: str, spec: Any, search: str) -> list:
         return spec
     if isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in DISTRIBUTIONS:
         if search == "grid":
-            raise SweepError(f"sweep.params: {key!r}: distributions need sweep.search=random (grid takes lists)")
+            raise SweepError(f"sweep.params: {key!r}: distributions need sweep.search=random or optuna (grid takes lists)")
         (kind, bounds), = spec.items()
         if not (isinstance(bounds, list) and len(bounds) == 2 and all(isinstance(b, (int, float)) for b in bounds)
                 and bounds[0] < bounds[1]):
