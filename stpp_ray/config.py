@@ -142,7 +142,8 @@ class TrainConfig(_Section):
         1, ge=1, description="Report a resumable checkpoint to Ray Train every N epochs (and at the last epoch)."
     )
     max_failures: int = Field(
-        2, ge=0, description="Worker-group restarts Ray Train allows per stage; each resumes from the last epoch checkpoint."
+        2, ge=0, description="Restarts of a stage's worker group after a lost worker, each from the last epoch checkpoint: "
+        "Ray Train's own, and the pipeline's where Ray Train will not retry (a worker lost while the group starts)."
     )
 
 

@@ -1,6 +1,7 @@
 """Ray Train integration: a tiny 2-worker teacher that survives a killed worker."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,3 +55,49 @@ def test_resumed_teacher_equals_an_uninterrupted_one(ray_local, smoke_data, tmp_
     b, _ = load_model(clean / "teacher" / "final.pt")
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.allclose(x.float(), y.float(), atol=1e-6), name
+
+
+def test_a_worker_killed_while_the_group_starts_is_survived(ray_local, smoke_data, tmp_path, capfd):
+    """One Train worker of a 2-worker teacher SIGKILLed while the group starts (in run_train_fn):
+    Ray Train's FailurePolicy RAISEs that controller error and leaks the attempt's controller and
+    placement group, so the pipeline frees them and restarts the stage itself; the run completes."""
+    import os
+    import signal
+    import threading
+    import time
+
+    out = tmp_path / "run"
+    cfg = smoke_config(smoke_data, out, "method=supervised", "ray.num_workers=2", "train.epochs=2",
+                       "selection.num_checkpoints=1", "train.max_failures=1")
+    killed: dict = {}
+
+    def train_workers() -> list[int]:
+        pids = []
+        for proc in Path("/proc").iterdir():
+            try:
+                # Ray titles a worker by the method it runs: run_train_fn unpickles the train
+                # function (importing stpp_ray and torch), and a death there is what Ray RAISEs.
+                if proc.name.isdigit() and b"RayTrainWorker.run_train_fn" in (proc / "cmdline").read_bytes():
+                    pids.append(int(proc.name))
+            except OSError:  # the process ended meanwhile
+                pass
+        return pids
+
+    def kill_the_first_train_worker():
+        deadline = time.time() + 180
+        while time.time() < deadline and not killed:
+            for pid in train_workers():
+                killed["before_any_epoch"] = not (out / "teacher" / "metrics.jsonl").exists()
+                os.kill(pid, signal.SIGKILL)
+                killed["pid"] = pid
+                break
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_the_first_train_worker)
+    killer.start()
+    report = Pipeline(cfg).run()
+    killer.join()
+    assert killed.get("before_any_epoch"), f"no Train worker was killed before its first epoch: {killed}"
+    assert "[teacher] Ray Train gave up after losing a worker" in capfd.readouterr().out
+    epochs = [json.loads(line)["epoch"] for line in (out / "teacher" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2] and 0.0 <= report["teacher"]["miou"] <= 1.0

@@ -20,7 +20,8 @@ import torch
 
 import ray.train
 import ray.train.torch
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.exceptions import NodeDiedError, RayActorError, WorkerCrashedError
+from ray.train import CheckpointConfig, ControllerError, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from ..config import Config
@@ -303,27 +304,116 @@ def fit_stage(cfg: Config, spec: StageSpec, storage_path: Path, callbacks: list 
     resources = {"CPU": cfg.ray.cpus_per_worker}
     if cfg.ray.use_gpu:
         resources["GPU"] = 1
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": cfg.model_dump(), "stage": spec.to_dict()},
-        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,  # a tuple: elastic
-                                     resources_per_worker=resources),
-        torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
-        run_config=RunConfig(
-            # The fingerprint in the name keeps a changed config from resuming stale state.
-            name=f"{spec.name}-{spec.fingerprint}",
-            storage_path=str(storage_path.resolve()),
-            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            callbacks=list(callbacks or []),
-        ),
-    )
+
+    def make_trainer() -> TorchTrainer:  # a new one per attempt
+        return TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"config": cfg.model_dump(), "stage": spec.to_dict()},
+            scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,  # a tuple: elastic
+                                         resources_per_worker=resources),
+            torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
+            run_config=RunConfig(
+                # The fingerprint in the name keeps a changed config from resuming stale state.
+                name=run_name,
+                storage_path=str(storage_path.resolve()),
+                failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+                callbacks=list(callbacks or []),
+            ),
+        )
+
     called = time.time()
-    trainer.fit()
+    run_name = f"{spec.name}-{spec.fingerprint}"
+    _fit_with_restarts(make_trainer, spec.name, cfg.train.max_failures, snapshot=_train_state,
+                       release=_release_failed_attempt)
     return {**summarize_stage(Path(spec.stage_dir), time.time() - called, called),
             "planned_epochs": spec.epochs, "final_checkpoint": str(final_path(spec)),
             "best_checkpoint": str(best_path(spec)),
             "checkpoints": [str(checkpoint_path(spec, e)) for e in spec.checkpoint_epochs]}
+
+
+def _lost_worker(err: BaseException) -> BaseException | None:
+    """The actor or node death behind a Ray Train failure, if that is what it was."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, (RayActorError, NodeDiedError, WorkerCrashedError)):
+            return err
+        err = getattr(err, "controller_failure", None) or err.__cause__ or err.__context__
+    return None
+
+
+def _train_state() -> tuple[set[str], set[str]] | None:
+    """Ids of this job's live Ray Train controllers and of the cluster's created placement
+    groups; None where Ray's state API does not answer (a cluster without its dashboard)."""
+    from ray.util.state import list_actors, list_placement_groups
+
+    job = ray.get_runtime_context().get_job_id()
+    try:
+        controllers = {a.actor_id for a in list_actors(
+            filters=[("class_name", "=", "TrainController"), ("state", "=", "ALIVE"), ("job_id", "=", job)], limit=10_000)}
+        groups = {g.placement_group_id for g in list_placement_groups(filters=[("state", "=", "CREATED")], limit=10_000)}
+    except Exception:  # noqa: BLE001 - the restart below then goes without the clean-up
+        return None
+    return controllers, groups
+
+
+def _release_failed_attempt(before: tuple[set[str], set[str]] | None, stage: str) -> None:
+    """Free what a fit that raised still holds.
+
+    Ray 2.58 leaks it after a RAISE at start-up (measured): the controller stays ALIVE (its
+    surviving worker holds its handle) with that worker, and the attempt's placement group
+    stays CREATED even once they are killed, so the next attempt waits forever for its CPUs.
+    The attempt's controller is the one that appeared during the fit (`before`: the state when
+    it began), its group the groups that appeared and hold no live actor. Where several
+    controllers appeared (a sweep's concurrent trials), nothing is touched."""
+    from ray._raylet import ActorID, PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+    from ray.util.state import list_actors
+
+    now = _train_state()
+    if before is None or now is None:
+        _say(f"[{stage}] Ray's state API did not answer: the failed attempt's resources are left to Ray")
+        return
+    controllers, groups = now
+    leaked = controllers - before[0]
+    if len(leaked) > 1:
+        _say(f"[{stage}] cannot tell the failed attempt's Ray Train controller among {len(leaked)}; "
+             "the restart may wait for its resources")
+        return
+    if leaked:
+        worker = ray._private.worker.global_worker
+        ray.kill(worker.core_worker.get_actor_handle(ActorID.from_hex(leaked.pop())), no_restart=True)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        used = {a.placement_group_id for a in list_actors(filters=[("state", "!=", "DEAD")], limit=10_000)}
+        if not any(g in used for g in groups - before[1]):
+            break
+        time.sleep(0.5)  # the killed controller's workers are still going
+    for group in groups - before[1] - used:
+        remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(group)))
+
+
+def _fit_with_restarts(make_trainer, stage: str, restarts: int, snapshot=lambda: None,
+                       release=lambda before, stage: None) -> None:
+    """`make_trainer().fit()`, run again from the stage's last checkpoint (same run name and storage)
+    when Ray Train gives up on a lost worker that it does not count as retryable: a worker
+    killed while the group is still starting (its controller raises `ActorDiedError`, which
+    `FailurePolicy` RAISEs). `release(snapshot() taken before the fit, stage)` first frees what
+    the failed attempt still holds.
+    Other failures, and the `restarts`-th, propagate."""
+    for attempt in range(restarts + 1):
+        before = snapshot()
+        try:
+            make_trainer().fit()
+            return
+        except ControllerError as err:
+            lost = _lost_worker(err)
+            if lost is None or attempt == restarts:
+                raise
+            release(before, stage)
+            _say(f"[{stage}] Ray Train gave up after losing a worker ({type(lost).__name__}); "
+                 f"restarting the stage from its last checkpoint ({attempt + 1} of {restarts})")
 
 
 def summarize_stage(stage_dir: Path, wall_s: float, called_at: float | None = None) -> dict:
