@@ -66,10 +66,13 @@ class DataConfig(_Section):
     demo_num_train: int = Field(512, ge=16, description="Training-pool size of the generated demo dataset.")
     demo_num_val: int = Field(128, ge=1, description="Validation-set size of the generated demo dataset.")
     demo_image_size: int = Field(64, ge=16, description="Side length of the generated demo images.")
-    check_images: bool = Field(
+    check_images: bool | Literal["sample"] = Field(
         True,
-        description="Read and validate every image and mask before training starts (stops on the first bad file set).",
+        description="Read and validate every image and mask before training starts (stops on the first bad file set); "
+        "`sample`: every labeled and validation file, and `data.check_sample_size` unlabeled images drawn with `run.seed` "
+        "(for pools too large to read twice).",
     )
+    check_sample_size: int = Field(1000, ge=1, description="Unlabeled images read by `data.check_images: sample`.")
 
     def scale_base_size(self) -> int:
         """`base_size`, or when unset the layout's default (LiheYoung/ST-PlusPlus dataset/semi.py: 400 for

@@ -359,6 +359,14 @@ def check_samples(samples: Iterable[Sample], num_classes: int, layout: str) -> N
     _raise_if_problems("dataset check failed", problems)
 
 
+def sample_for_check(samples: Sequence[Sample], size: int, seed: int) -> list[Sample]:
+    """`size` of `samples` drawn without replacement with `seed`, in their order (all if fewer)."""
+    if len(samples) <= size:
+        return list(samples)
+    picked = np.random.default_rng(seed).choice(len(samples), size=size, replace=False)
+    return [samples[i] for i in sorted(picked)]
+
+
 def _overlap_problem(name_a: str, ids_a: set[str], name_b: str, ids_b: set[str]) -> str | None:
     shared = sorted(ids_a & ids_b)
     if not shared:

@@ -186,3 +186,29 @@ def test_predict_refuses_a_file_that_is_not_an_stpp_ray_checkpoint(tmp_path, cap
     err = capsys.readouterr().err
     assert code == 1 and "foreign.pt: not an stpp_ray weight file" in err and "Traceback" not in err
     assert not (tmp_path / "p").exists() or not any((tmp_path / "p").iterdir())
+
+
+def test_a_sampled_check_reads_the_labeled_files_and_a_seeded_share_of_the_pool(broken_setup):
+    """`data.check_images: sample`: a broken unlabeled image is found only when drawn; labeled
+    files are always read."""
+    from stpp_ray.config import config_from_dict
+    from stpp_ray.datasets import DatasetError, sample_for_check
+    from stpp_ray.orchestration.pipeline import Pipeline
+
+    root, raw, _, _ = broken_setup
+    raw["data"].update(check_images="sample", check_sample_size=3)
+    pipeline = Pipeline(config_from_dict(raw, "test"))
+    pipeline.prepare_data()
+    drawn = sample_for_check(pipeline.unlabeled, 3, pipeline.cfg.run.seed)
+    assert drawn == sample_for_check(pipeline.unlabeled, 3, pipeline.cfg.run.seed) and len(drawn) == 3
+    not_drawn = next(s for s in pipeline.unlabeled if s not in drawn)
+    not_drawn.image_path.write_bytes(b"")
+    result = pipeline.data().run()
+    assert result["unlabeled_checked"] == 3 and result["unlabeled"] == len(pipeline.unlabeled)
+    drawn[1].image_path.write_bytes(b"")
+    with pytest.raises(DatasetError, match=drawn[1].image_path.name):
+        pipeline.data().run()
+    shutil.copy(image(root, ids(root, LABELED)[3]), drawn[1].image_path)  # any valid image
+    truncate_jpeg(root, raw)
+    with pytest.raises(DatasetError, match="dataset check failed"):
+        pipeline.data().run()

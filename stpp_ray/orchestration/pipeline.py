@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..config import Config
-from ..datasets import Sample, build_samples, check_disjoint, check_samples, read_split, resolve_path
+from ..datasets import (Sample, build_samples, check_disjoint, check_samples, read_split, resolve_path,
+                        sample_for_check)
 from ..demo_data import ensure_demo_dataset
 from ..files import locked, write_json_atomic
 from ..methods import get_method
@@ -98,11 +99,16 @@ class Pipeline:
 
         def run() -> dict:
             start = time.perf_counter()
-            if self.cfg.data.check_images:
-                for samples in (self.labeled, self.val, self.unlabeled):
-                    check_samples(samples, self.cfg.data.num_classes, self.cfg.data.layout)
+            d = self.cfg.data
+            unlabeled = self.unlabeled
+            if d.check_images == "sample":
+                unlabeled = sample_for_check(self.unlabeled, d.check_sample_size, self.cfg.run.seed)
+            if d.check_images:
+                for samples in (self.labeled, self.val, unlabeled):
+                    check_samples(samples, d.num_classes, d.layout)
             return {"wall_s": time.perf_counter() - start, "labeled": len(self.labeled),
-                    "unlabeled": len(self.unlabeled), "val": len(self.val)}
+                    "unlabeled": len(self.unlabeled), "val": len(self.val),
+                    "unlabeled_checked": len(unlabeled) if d.check_images else 0}
 
         return Stage("check_data", fp, run)
 
