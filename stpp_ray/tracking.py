@@ -125,7 +125,7 @@ class Tracker:
             return fn(*args)
         except Exception as err:  # noqa: BLE001
             if not self._warned:
-                print(f"[tracking] {what} failed ({type(err).__name__}: {err}); training goes on", flush=True)
+                print(f"[tracking] {what} failed ({type(err).__name__}: {redacted(str(err))}); training goes on", flush=True)
                 self._warned = True
             return None
 

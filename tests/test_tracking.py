@@ -73,3 +73,10 @@ def test_an_unusable_store_is_one_line_naming_the_uri(tmp_path):
     with pytest.raises(TrackingError, match="tracking.mlflow_uri 'file://.*not_a_dir'") as err:
         Tracker(cfg, tmp_path / "run")
     assert "\n" not in str(err.value)
+
+
+def test_uris_lose_their_password_in_messages():
+    from stpp_ray.tracking import redacted
+
+    assert redacted("https://alice:s3cret@mlflow.example.com/") == "https://***@mlflow.example.com/"
+    assert redacted("file:///abs/mlruns") == "file:///abs/mlruns"
