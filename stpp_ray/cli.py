@@ -22,10 +22,11 @@ def _cmd_demo_data(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from .config import load_config
     from .orchestration.pipeline import Pipeline
+    from .storage import location
 
     cfg = load_config(args.config, args.overrides)
     report = Pipeline(cfg).run()
-    out = Path(cfg.run.output_dir).resolve()
+    out = location(cfg.run.output_dir).resolve()
     teacher, final = report["teacher"].get("miou"), report["final"].get("miou")
     print(f"\n{cfg.method}: teacher val mIoU {100 * teacher:.2f}, final ({report['final']['stage']}) "
           f"val mIoU {100 * final:.2f}\nreport: {out / 'report.md'}")

@@ -33,7 +33,8 @@ class DataConfig(_Section):
     )
     root: str = Field(
         "data/demo",
-        description="Dataset root directory. Relative paths are relative to the current directory.",
+        description="Dataset root directory, or an S3 URI (`s3://bucket/prefix`, README: Object storage). "
+                    "Relative paths are relative to the current directory.",
     )
     num_classes: int = Field(21, ge=2, le=255, description="Number of classes, background included (255 is the ignore label).")
     labeled_split: str = Field(
@@ -297,7 +298,8 @@ class RayConfig(_Section):
 
 
 class RunSection(_Section):
-    output_dir: str = Field("runs/demo", description="Run directory: report, checkpoints, pseudo-labels, manifest.")
+    output_dir: str = Field("runs/demo", description="Run directory: report, checkpoints, pseudo-labels, manifest. "
+                                                     "May be an S3 URI (`s3://bucket/prefix`) for `stpp-ray run`.")
     seed: int = Field(0, description="Seed of initialisation, data order and augmentation.")
 
 

@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .storage import BucketPath, location
+
 IGNORE_INDEX = 255  # the label of pixels that no loss or metric counts
 
 
@@ -129,16 +131,16 @@ def builtin_split_path(name: str) -> Path:
 
 
 def resolve_path(root: Path | str, path: str | Path) -> Path:
-    """Return a ``builtin:NAME`` split's shipped file, ``path`` as is when absolute, else relative to ``root``."""
+    """Return a ``builtin:NAME`` split's shipped file, ``path`` as is when absolute (or a URI), else
+    relative to ``root`` (a directory or an object-store URI)."""
     if isinstance(path, str) and path.startswith(BUILTIN_PREFIX):
         return builtin_split_path(path[len(BUILTIN_PREFIX):])
-    path = Path(path)
-    return path if path.is_absolute() else Path(root) / path
+    return _under_root(location(root), path)
 
 
 def _under_root(root: Path, path: str) -> Path:
     # Paths inside split entries are never ``builtin:`` names.
-    path = Path(path)
+    path = location(path)
     return path if path.is_absolute() else root / path
 
 
@@ -206,7 +208,7 @@ def _voc_paths(root: Path, entry: str) -> tuple[str, Path, Path]:
     )
 
 
-def _cityscapes_paths(root: Path, entry: str) -> tuple[str, Path, Path]:
+def _cityscapes_paths(root: Path, entry: str, is_file) -> tuple[str, Path, Path]:
     two_column = _two_column_paths(root, entry)
     if two_column:
         return two_column
@@ -215,26 +217,43 @@ def _cityscapes_paths(root: Path, entry: str) -> tuple[str, Path, Path]:
     # The preprocessed gtFine of ST++/UniMatch (README.md) is named by their lists as
     # *_gtFine_labelTrainIds.png (UniMatch splits/cityscapes/*.txt); take it when labelIds is absent.
     train_ids = root / "gtFine" / f"{entry}_gtFine{CITYSCAPES_TRAIN_ID_SUFFIX}"
-    if not mask.is_file() and train_ids.is_file():
+    if not is_file(mask) and is_file(train_ids):
         mask = train_ids
     return entry, image, mask
 
 
-def _folder_image_path(root: Path, image_id: str) -> Path | None:
+def _folder_image_path(root: Path, image_id: str, is_file) -> Path | None:
     for ext in FOLDER_IMAGE_EXTS:
         for suffix in (ext, ext.upper()):
             candidate = root / "images" / f"{image_id}.{suffix}"
-            if candidate.is_file():
+            if is_file(candidate):
                 return candidate
     return None
 
 
-def _sample_paths(layout: str, root: Path, entry: str) -> tuple[str, Path | None, Path]:
+def _sample_paths(layout: str, root: Path, entry: str, is_file) -> tuple[str, Path | None, Path]:
     if layout == "voc":
         return _voc_paths(root, entry)
     if layout == "cityscapes":
-        return _cityscapes_paths(root, entry)
-    return entry, _folder_image_path(root, entry), root / "masks" / f"{entry}.png"
+        return _cityscapes_paths(root, entry, is_file)
+    return entry, _folder_image_path(root, entry, is_file), root / "masks" / f"{entry}.png"
+
+
+def _file_test(root: Path):
+    """`is_file` for the paths of a split: one listing of the prefix for an object-store root
+    (a request per file would take minutes at 100k images), `Path.is_file` otherwise."""
+    if not isinstance(root, BucketPath):
+        return lambda p: p.is_file()
+    keys = root.files_under()
+
+    def is_file(p) -> bool:
+        if not isinstance(p, BucketPath):
+            return location(p).is_file()
+        try:
+            return str(p.relative_to(root)) in keys
+        except ValueError:
+            return p.is_file()
+    return is_file
 
 
 def build_samples(layout: str, root: Path | str, split_file: str | Path, *, with_masks: bool) -> list[Sample]:
@@ -243,17 +262,19 @@ def build_samples(layout: str, root: Path | str, split_file: str | Path, *, with
     Raises one DatasetError listing every missing file.
     """
     _check_layout(layout)
-    root = Path(root)
+    root = location(root)
     samples: list[Sample] = []
     missing: list[str] = []
-    for entry in read_split(root, split_file):
-        image_id, image_path, mask_path = _sample_paths(layout, root, entry)
+    entries = read_split(root, split_file)
+    is_file = _file_test(root)
+    for entry in entries:
+        image_id, image_path, mask_path = _sample_paths(layout, root, entry, is_file)
         if image_path is None:
             exts = ",".join(FOLDER_IMAGE_EXTS)
             missing.append(f"{root / 'images' / image_id}.{{{exts}}}: missing image file")
-        elif not image_path.is_file():
+        elif not is_file(image_path):
             missing.append(f"{image_path}: missing image file")
-        if with_masks and not mask_path.is_file():
+        if with_masks and not is_file(mask_path):
             missing.append(f"{mask_path}: missing mask file")
         if image_path is not None:
             samples.append(Sample(image_id, image_path, mask_path if with_masks else None))
@@ -263,16 +284,18 @@ def build_samples(layout: str, root: Path | str, split_file: str | Path, *, with
 
 def _open_fully(path: Path | str, what: str) -> Image.Image:
     """Open and fully decode an image file, turning every failure into DatasetError."""
-    path = Path(path)
+    path = location(path)
     try:
-        if path.stat().st_size == 0:
+        # An object is read in one request; the size comes with it.
+        source = io.BytesIO(path.read_bytes()) if isinstance(path, BucketPath) else path
+        if (source.getbuffer().nbytes if isinstance(source, io.BytesIO) else path.stat().st_size) == 0:
             raise DatasetError(f"{path}: empty (zero-byte) {what} file")
     except FileNotFoundError:
         raise DatasetError(f"{path}: missing {what} file") from None
     except OSError as exc:
         raise DatasetError(f"{path}: cannot read {what} file: {exc}") from None
     try:
-        img = Image.open(path)
+        img = Image.open(source)
     except Image.UnidentifiedImageError:
         raise DatasetError(f"{path}: not an image file (unrecognised format)") from None
     except OSError as exc:

@@ -18,6 +18,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from .datasets import VOC_COLORS  # noqa: E402
+from .storage import BucketPath, location  # noqa: E402
 
 THUMB_SIZE = 256
 PAIRS_PER_ROW = 4
@@ -45,14 +46,18 @@ def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarr
 
 
 def _prepare(out_png) -> Path:
-    path = Path(out_png)
+    path = location(out_png)
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
 
 
 def _save(fig, path: Path, dpi: int = 100) -> Path:
     try:
-        fig.savefig(path, dpi=dpi)
+        if isinstance(path, BucketPath):
+            with path.open("wb") as f:
+                fig.savefig(f, dpi=dpi, format="png")
+        else:
+            fig.savefig(path, dpi=dpi)
     finally:
         plt.close(fig)
     return path

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
+from .storage import BucketPath, location
 from .training import TrainItem
 from .stability import stability_for_checkpoints
 
@@ -38,13 +39,20 @@ class PseudoLabelError(ValueError):
     """Pseudo-label shards that are missing, incomplete or inconsistent."""
 
 
-def read_table(parquet_dir: str | Path, columns: list[str] | None = None) -> pa.Table:
-    """All shards of one labeling stage as one table."""
-    parquet_dir = Path(parquet_dir)
+def _shards(parquet_dir: str | Path) -> pads.Dataset:
+    """The shards of one labeling stage, on disk or in an object store."""
+    parquet_dir = location(parquet_dir)
     files = sorted(parquet_dir.glob("*.parquet"))
     if not files:
         raise PseudoLabelError(f"no Parquet shards in {parquet_dir}")
-    return pads.dataset([str(f) for f in files], format="parquet").to_table(columns=columns)
+    if isinstance(parquet_dir, BucketPath):
+        return pads.dataset([f.fs_path for f in files], format="parquet", filesystem=parquet_dir.fs)
+    return pads.dataset([str(f) for f in files], format="parquet")
+
+
+def read_table(parquet_dir: str | Path, columns: list[str] | None = None) -> pa.Table:
+    """All shards of one labeling stage as one table."""
+    return _shards(parquet_dir).to_table(columns=columns)
 
 
 def check_complete(table: pa.Table, expected_ids: list[str], where: str) -> None:
@@ -65,10 +73,7 @@ def check_complete(table: pa.Table, expected_ids: list[str], where: str) -> None
 
 def read_masks(parquet_dir: str | Path, image_ids: Sequence[str]) -> dict[str, bytes]:
     """The PNG-encoded pseudo-labels of the given images only (a filtered read of the shards)."""
-    files = sorted(Path(parquet_dir).glob("*.parquet"))
-    if not files:
-        raise PseudoLabelError(f"no Parquet shards in {parquet_dir}")
-    table = pads.dataset([str(f) for f in files], format="parquet").to_table(
+    table = _shards(parquet_dir).to_table(
         columns=["image_id", "mask_png"], filter=pc.field("image_id").isin(list(image_ids)))
     return dict(zip(table.column("image_id").to_pylist(), table.column("mask_png").to_pylist()))
 

@@ -18,6 +18,7 @@ from .evaluation import EvalSet, collate_pairs
 from .methods.base import PseudoLabels, StageTraining, plain_pseudo_items, teacher_training
 from .methods.online import OnlineMethod, UnlabeledSet
 from .models import build_model, convert_batchnorm_for_distributed, split_parameters
+from .storage import is_uri
 from .training import GlobalBatchSampler, TrainItem, TrainSet, build_optimizer, poly_scheduler, supervised_repeats
 from .weights import read_weights
 
@@ -143,6 +144,10 @@ def _train_loader(dataset, sampler: GlobalBatchSampler, cfg: Config, device: tor
     takes from the global RNG at each in-process pass but only once with persistent workers,
     shifting the model's dropout masks."""
     workers = cfg.train.loader_workers
+    # Worker processes that read images from a bucket start from a forkserver, so none inherits
+    # this process's S3 client and its threads through fork() (s3fs documents hangs from that).
+    context = "forkserver" if workers and is_uri(cfg.data.root) else None
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                                        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                                       generator=torch.Generator().manual_seed(cfg.run.seed))
+                                       generator=torch.Generator().manual_seed(cfg.run.seed),
+                                       multiprocessing_context=context)

@@ -20,6 +20,7 @@ from typing import Any
 
 from .config import Config
 from .files import write_json_atomic
+from .storage import local_copy, location
 
 STATE_FILE = "mlflow_run.json"
 SKIPPED_KEYS = {"stage", "epoch", "started_at", "val_iou"}  # not metrics, or not scalars
@@ -69,7 +70,7 @@ class Tracker:
 
     def __init__(self, cfg: Config, run_dir: Path, parent_run_id: str | None = None, extra_params: dict | None = None):
         t = cfg.tracking
-        self.uri, self.run_dir = t.mlflow_uri, Path(run_dir)
+        self.uri, self.run_dir = t.mlflow_uri, location(run_dir)
         self.state_path = self.run_dir / STATE_FILE
         fingerprint = cfg.fingerprint("method", "data", "model", "train", "selection", "label", "eval", "semi", "run")
         state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
@@ -169,7 +170,8 @@ class Tracker:
         """Files of the run directory as artifacts, summary metrics; the parent run ends."""
         for name in artifacts:
             if (self.run_dir / name).is_file():
-                self._guarded("uploading artifacts", self.client.log_artifact, self.run_id, str(self.run_dir / name))
+                with local_copy(self.run_dir / name) as path:
+                    self._guarded("uploading artifacts", self.client.log_artifact, self.run_id, str(path))
         for key, value in scalar_metrics(metrics).items():
             self._guarded("logging a summary metric", self.client.log_metric, self.run_id, key, value)
         self._guarded("closing the run", self.client.set_terminated, self.run_id, status)
@@ -195,7 +197,7 @@ class StageFollower:
     def __init__(self, tracker: Tracker | None, entry: dict | None, stage_dir: Path | None, logged: int,
                  interval_s: float = 10.0, follow: bool = True):
         self.tracker, self.entry, self.logged = tracker, entry, logged
-        self.path = Path(stage_dir) / "metrics.jsonl" if stage_dir else None
+        self.path = location(stage_dir) / "metrics.jsonl" if stage_dir else None
         self._stop = threading.Event()
         self._thread = None
         if follow and tracker is not None and self.path is not None:

@@ -6,6 +6,7 @@ A weight file is a plain dict of tensors and primitives, loaded with
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 
 from .models import build_model
+from .storage import BucketPath, location
 
 ARCH_KEYS = ("name", "backbone", "output_stride", "aspp_channels", "num_classes", "head", "projection_channels")
 # Keys an architecture record may lack (files and records written before the key existed).
@@ -51,21 +53,30 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def save_weights(path: str | Path, model: torch.nn.Module, arch: dict, **meta: Any) -> None:
-    """Write weights atomically (temp file + rename), so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write weights atomically (temp file + rename, or one upload), so a crash never leaves half a file."""
+    path = location(path)
     state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+    blob = {"format": "stpp_ray.weights/1", "arch": dict(arch), "meta": meta, "model": state}
+    if isinstance(path, BucketPath):
+        with path.open("wb") as f:
+            torch.save(blob, f)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"format": "stpp_ray.weights/1", "arch": dict(arch), "meta": meta, "model": state}, tmp)
+    torch.save(blob, tmp)
     os.replace(tmp, path)
 
 
 def read_weights(path: str | Path) -> dict:
-    path = Path(path)
+    path = location(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(path, BucketPath):
+            with path.open("rb") as f:
+                blob = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+        else:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same message
         raise CheckpointError(f"{path}: not a readable stpp_ray checkpoint ({type(err).__name__}: {err})") from None
     if not isinstance(blob, dict) or blob.get("format") != "stpp_ray.weights/1":

@@ -1,12 +1,18 @@
-"""The smoke pipeline end to end on the shared local Ray: ST++, resume, config changes, ST."""
+"""The smoke pipeline end to end on the shared local Ray: ST++, resume, config changes, ST.
+
+The ST++ run keeps its dataset and run directory in the session's S3 bucket (conftest.py's
+`s3_store`); the same run on local disk is `tests/test_cluster_faults.py`'s killed driver."""
 
 import json
+from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
+from pyarrow import fs as pafs
 
 from stpp_ray.datasets import read_split
 from stpp_ray.orchestration.pipeline import Pipeline
+from stpp_ray.pseudo_labels import read_table
+from stpp_ray.storage import BucketPath
 
 from tests.helpers import injected_fault, smoke_config
 
@@ -14,10 +20,16 @@ pytestmark = pytest.mark.ray
 
 
 def parquet_ids(directory):
-    ids = []
-    for f in sorted(directory.glob("*.parquet")):
-        ids += pq.read_table(f, columns=["image_id"]).column("image_id").to_pylist()
-    return ids
+    return read_table(directory, ["image_id"]).column("image_id").to_pylist()
+
+
+def mtime(obj: BucketPath):
+    return obj.fs.get_file_info(obj.fs_path).mtime
+
+
+def epoch1_checkpoint(out: BucketPath) -> list[str]:
+    """student1's Ray Train checkpoint of epoch 1 in the bucket (its files)."""
+    return sorted(f for f in out.files_under() if f.startswith("ray_train/student1-") and "/epoch_0001/" in f)
 
 
 def test_max_images_uses_the_first_ids_of_each_split_and_needs_only_their_files(tmp_path):
@@ -60,18 +72,25 @@ def test_a_changed_max_images_retrains_the_teacher_and_everything_after_it():
 
 
 @pytest.fixture(scope="module")
-def interrupted_then_resumed(ray_local, smoke_data, tmp_path_factory):
-    """An ST++ run killed in student1 (no restarts allowed), then rerun with the same config."""
-    out = tmp_path_factory.mktemp("stpp") / "run"
-    cfg = smoke_config(smoke_data, out, "train.max_failures=0", f"tracking.mlflow_uri=file://{out.parent / 'mlruns'}")
+def interrupted_then_resumed(ray_local, s3_store, smoke_data, tmp_path_factory):
+    """An ST++ run with its data and run directory in the bucket, killed in student1 (no
+    restarts allowed), then rerun with the same config; DataLoader worker processes read the
+    images from the bucket too (forkserver, stage_setup.py)."""
+    root = BucketPath(f"s3://{s3_store.bucket}/pipeline/data")
+    out = BucketPath(f"s3://{s3_store.bucket}/pipeline/run")
+    pafs.copy_files(str(smoke_data), root.fs_path, destination_filesystem=root.fs)
+    mlruns = tmp_path_factory.mktemp("stpp") / "mlruns"
+    cfg = smoke_config(root, out, "data.demo=false", "train.max_failures=0", "train.loader_workers=1",
+                       f"tracking.mlflow_uri=file://{mlruns}")
     with pytest.raises(Exception), injected_fault("student1", 2):
         Pipeline(cfg).run()
     first = {
-        "teacher_mtime": (out / "teacher" / "final.pt").stat().st_mtime,
+        "teacher_mtime": mtime(out / "teacher" / "final.pt"),
         "label_files": sorted(p.name for p in (out / "pseudo_labels" / "teacher").glob("*.parquet")),
-        "student1_epoch1": (out / "ray_train").glob("student1-*/epoch_0001"),
+        "student1_epoch1": epoch1_checkpoint(out),
+        "student1_metrics": (out / "student1" / "metrics.jsonl").read_text().splitlines(),
     }
-    assert list(first["student1_epoch1"]), "student1 had checkpointed epoch 1 before the crash"
+    assert first["student1_epoch1"], "student1 had checkpointed epoch 1 to the bucket before the crash"
     report = Pipeline(cfg).run()
     return cfg, out, first, report
 
@@ -81,13 +100,26 @@ def test_resume_skips_finished_stages_and_continues_the_interrupted_one(interrup
     reused = {s["name"]: s["reused"] for s in report["stages"]}
     assert reused == {"check_data": True, "teacher": True, "label_teacher": True, "select": True,
                       "student1": False, "label_student1": False, "student2": False}
-    assert (out / "teacher" / "final.pt").stat().st_mtime == first["teacher_mtime"]
+    assert mtime(out / "teacher" / "final.pt") == first["teacher_mtime"]
     assert sorted(p.name for p in (out / "pseudo_labels" / "teacher").glob("*.parquet")) == first["label_files"]
-    epochs = [json.loads(line)["epoch"] for line in (out / "student1" / "metrics.jsonl").read_text().splitlines()]
-    assert epochs == [1, 2]
-    fault_time = (out / "student1" / ".fault_injected").stat().st_mtime
-    first_line_epoch1 = next((out / "ray_train").glob("student1-*/epoch_0001"))
-    assert first_line_epoch1.stat().st_mtime < fault_time, "student1 epoch 1 was retrained"
+    lines = (out / "student1" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    assert first["student1_metrics"] == lines[:1], "student1 epoch 1 was retrained, not resumed from the bucket"
+    fault_time = mtime(out / "student1" / ".fault_injected")
+    assert epoch1_checkpoint(out) == first["student1_epoch1"]
+    assert all(mtime(out / f) < fault_time for f in first["student1_epoch1"]), "student1 epoch 1 was retrained"
+
+
+def test_every_output_of_a_bucket_run_is_in_the_bucket(interrupted_then_resumed):
+    cfg, out, _, report = interrupted_then_resumed
+    files = out.files_under()
+    for name in ("manifest.json", "report.md", "selection.json", "teacher/final.pt", "teacher/best.pt",
+                 "teacher/checkpoints/epoch_001.pt", "teacher/checkpoints/epoch_002.pt", "student2/final.pt",
+                 "mlflow_run.json", "student2/metrics.jsonl", "pseudo_labels_grid.png"):
+        assert name in files, name
+    assert json.loads((out / "manifest.json").read_text())["stages"].keys() == {s["name"] for s in report["stages"]}
+    assert not any(".partial" in f or f.endswith(".tmp") for f in files)
+    assert not Path("s3:").exists(), "a URI was taken for a local path"
 
 
 def test_every_unlabeled_image_is_labeled_exactly_once(interrupted_then_resumed, smoke_data):
@@ -113,7 +145,7 @@ def test_report_and_pictures(interrupted_then_resumed):
     for pic in ("stability_histogram.png", "pseudo_labels_grid.png", "per_class_iou.png"):
         assert (out / pic).stat().st_size > 1000
     assert "student2" in (out / "report.md").read_text()
-    assert (out / "teacher" / "tensorboard").is_dir()
+    assert any(f.startswith("teacher/tensorboard/events.out.tfevents") for f in out.files_under())
 
 
 def test_mlflow_holds_each_stage_once_with_the_epochs_of_metrics_jsonl(interrupted_then_resumed):
@@ -143,7 +175,8 @@ def test_mlflow_holds_each_stage_once_with_the_epochs_of_metrics_jsonl(interrupt
 
 def test_changed_config_recomputes_what_depends_on_it(interrupted_then_resumed):
     cfg, out, _, _ = interrupted_then_resumed
-    changed = smoke_config(cfg.data.root, out, "train.max_failures=0", "selection.reliable_fraction=0.25")
+    changed = smoke_config(cfg.data.root, out, "data.demo=false", "train.max_failures=0",
+                           "selection.reliable_fraction=0.25")
     report = Pipeline(changed).run()
     reused = {s["name"]: s["reused"] for s in report["stages"]}
     assert reused["teacher"] and reused["label_teacher"]
@@ -156,11 +189,11 @@ def test_changed_config_recomputes_what_depends_on_it(interrupted_then_resumed):
 
 def test_st_method_in_the_same_run_directory_reuses_the_teacher(interrupted_then_resumed):
     cfg, out, _, _ = interrupted_then_resumed
-    st = smoke_config(cfg.data.root, out, "method=st")
+    st = smoke_config(cfg.data.root, out, "data.demo=false", "method=st")
     report = Pipeline(st).run()
     reused = {s["name"]: s["reused"] for s in report["stages"]}
     assert reused["teacher"] and not reused["label_teacher"] and not reused["student"]
     assert report["final"]["stage"] == "student"
     import math
-    table = pq.read_table(next((out / "pseudo_labels" / "teacher").glob("*.parquet")))
+    table = read_table(out / "pseudo_labels" / "teacher", ["stability"])
     assert all(math.isnan(s) for s in table.column("stability").to_pylist()), "ST does not score"

@@ -1,15 +1,14 @@
 """Ray Data glue: score and pseudo-label unlabeled images into Parquet shards.
 
 images (id, path) -> map_batches(Labeler actors holding all checkpoints) -> Parquet.
-The shards are written to `<out>.partial` and renamed to `<out>` only once every
+The shards are written to `<out>.partial` and moved to `<out>` only once every
 image is present exactly once, so a half-written stage is never mistaken for a
-finished one.
+finished one (on an object store the manifest entry written after the move publishes it).
 """
 
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Sequence
@@ -23,6 +22,7 @@ import ray.data
 from ..config import Config
 from ..labeling import Labeler
 from ..pseudo_labels import SCHEMA, check_complete, read_table
+from ..storage import location, publish_tree, remove_tree
 
 
 class ArrowLabeler(Labeler):
@@ -50,9 +50,9 @@ def actor_pool_bounds(cfg: Config, batches: int) -> tuple[int, int]:
 def run_labeling(cfg: Config, images: Sequence[tuple[str, str]], checkpoint_paths: Sequence[str],
                  label_checkpoint: str, out_dir: Path, expect_arch: dict | None = None) -> dict:
     """Label `images` ((id, path) pairs) into `out_dir`; returns timing and counts."""
-    out_dir = Path(out_dir)
+    out_dir = location(out_dir)
     partial = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    remove_tree(partial)
     batch_size = cfg.label.batch_size
     start = time.perf_counter()
     rows = [{"image_id": i, "image_path": p} for i, p in images]
@@ -81,8 +81,7 @@ def run_labeling(cfg: Config, images: Sequence[tuple[str, str]], checkpoint_path
     # writer waiting for a slot would hold finished batches back until the pool shrinks.
     ds.write_parquet(str(partial), min_rows_per_file=cfg.label.rows_per_file, ray_remote_args={"num_cpus": 0})
     check_complete(read_table(partial, ["image_id"]), [i for i, _ in images], str(partial))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    partial.rename(out_dir)
+    publish_tree(partial, out_dir)
     wall = time.perf_counter() - start
     return {"images": len(rows), "wall_s": wall, "images_per_s": len(rows) / wall if wall else None,
             "actors": [lower, upper], "shards": len(list(out_dir.glob("*.parquet")))}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -31,6 +32,7 @@ from ..methods import get_method
 from ..methods.base import ONLINE
 from ..methods.online import cycle, train_online_epoch
 from ..stage_setup import RankTraining, StageSpec, build_train_items, setup_rank
+from ..storage import BucketPath, location, ray_storage_path
 from ..training import rank_share, sample_seed, train_one_epoch
 from ..weights import architecture, save_weights, unwrap
 
@@ -41,17 +43,17 @@ FAULT_ENV = "STPP_RAY_TEST_FAULT"
 
 def final_path(spec: StageSpec) -> Path:
     """The stage's final weights (the method's result when it is the final stage)."""
-    return Path(spec.stage_dir) / "final.pt"
+    return location(spec.stage_dir) / "final.pt"
 
 
 def best_path(spec: StageSpec) -> Path:
     """The weights of the epoch with the best validation mIoU."""
-    return Path(spec.stage_dir) / "best.pt"
+    return location(spec.stage_dir) / "best.pt"
 
 
 def checkpoint_path(spec: StageSpec, epoch: int) -> Path:
     """The weights saved at one of `spec.checkpoint_epochs` (ST++'s K checkpoints)."""
-    return Path(spec.stage_dir) / "checkpoints" / f"epoch_{epoch:03d}.pt"
+    return location(spec.stage_dir) / "checkpoints" / f"epoch_{epoch:03d}.pt"
 
 
 def _device(cfg: Config) -> torch.device:
@@ -61,7 +63,11 @@ def _device(cfg: Config) -> torch.device:
 
 
 def _write_metrics(stage_dir: Path, record: dict) -> None:
-    with open(stage_dir / "metrics.jsonl", "a") as f:
+    path = stage_dir / "metrics.jsonl"
+    if isinstance(path, BucketPath):  # an object cannot be appended to: written again whole
+        path.write_text((path.read_text() if path.exists() else "") + json.dumps(record) + "\n")
+        return
+    with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
 
 
@@ -88,13 +94,13 @@ class StageWorker:
 
     def __init__(self, cfg: Config, spec: StageSpec, rank: int, world: int):
         self.cfg, self.spec, self.rank, self.world = cfg, spec, rank, world
-        self.stage_dir = Path(spec.stage_dir)
+        self.stage_dir = location(spec.stage_dir)
         torch.set_num_threads(max(1, round(cfg.ray.cpus_per_worker)))
         self.device = _device(cfg)
         method = get_method(spec.method)
         training = method.training(spec.kind, cfg)
         self.online = method if spec.kind == ONLINE else None
-        val_samples = [Sample(i, Path(img), Path(mask)) for i, img, mask in spec.val]
+        val_samples = [Sample(i, location(img), location(mask)) for i, img, mask in spec.val]
         self.setup: RankTraining = setup_rank(
             cfg, build_train_items(spec, training, cfg.data.num_classes), val_samples, spec.epochs, rank, world,
             self.device, training=training, online=self.online,
@@ -249,7 +255,7 @@ def _save_epoch_outputs(spec: StageSpec, model, arch: dict, record: dict) -> Non
         save_weights(checkpoint_path(spec, epoch), model, arch, epoch=epoch, stage=spec.name)
     if epoch == spec.epochs:
         save_weights(final_path(spec), model, arch, epoch=epoch, stage=spec.name, val_miou=record.get("val_miou"))
-    _write_metrics(Path(spec.stage_dir), record)
+    _write_metrics(location(spec.stage_dir), record)
 
 
 def _save_best(spec: StageSpec, model, arch: dict, record: dict, best_miou: float) -> float:
@@ -271,7 +277,35 @@ def _tensorboard(stage_dir: Path):
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is a dependency, but logging must never stop training
         return None
+    if isinstance(stage_dir, BucketPath):
+        return _UploadedSummaryWriter(stage_dir / "tensorboard")
     return SummaryWriter(log_dir=str(stage_dir / "tensorboard"))
+
+
+class _UploadedSummaryWriter:
+    """TensorBoard event files written locally and uploaded to the bucket at each flush."""
+
+    def __init__(self, target: BucketPath):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.target, self.local = target, tempfile.mkdtemp(prefix="stpp_ray_tb_")
+        self.writer = SummaryWriter(log_dir=self.local)
+
+    def add_scalar(self, *args) -> None:
+        self.writer.add_scalar(*args)
+
+    def flush(self) -> None:
+        self.writer.flush()
+        self._upload()
+
+    def close(self) -> None:
+        self.writer.close()
+        self._upload()
+        shutil.rmtree(self.local, ignore_errors=True)
+
+    def _upload(self) -> None:
+        for path in Path(self.local).iterdir():
+            (self.target / path.name).write_bytes(path.read_bytes())
 
 
 def _log_epoch(writer, stage: str, record: dict, epochs: int) -> None:
@@ -315,7 +349,7 @@ def fit_stage(cfg: Config, spec: StageSpec, storage_path: Path, callbacks: list 
             run_config=RunConfig(
                 # The fingerprint in the name keeps a changed config from resuming stale state.
                 name=run_name,
-                storage_path=str(storage_path.resolve()),
+                storage_path=ray_storage_path(storage_path),
                 failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
                 callbacks=list(callbacks or []),
@@ -326,7 +360,7 @@ def fit_stage(cfg: Config, spec: StageSpec, storage_path: Path, callbacks: list 
     run_name = f"{spec.name}-{spec.fingerprint}"
     _fit_with_restarts(make_trainer, spec.name, cfg.train.max_failures, snapshot=_train_state,
                        release=_release_failed_attempt)
-    return {**summarize_stage(Path(spec.stage_dir), time.time() - called, called),
+    return {**summarize_stage(location(spec.stage_dir), time.time() - called, called),
             "planned_epochs": spec.epochs, "final_checkpoint": str(final_path(spec)),
             "best_checkpoint": str(best_path(spec)),
             "checkpoints": [str(checkpoint_path(spec, e)) for e in spec.checkpoint_epochs]}

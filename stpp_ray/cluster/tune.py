@@ -28,6 +28,7 @@ from ..config import Config, config_from_dict, load_raw, set_dotted
 from ..methods import get_method
 from ..orchestration.pipeline import Pipeline
 from ..files import write_json_atomic
+from ..storage import require_local
 from ..plots import sweep_heatmap
 from ..tracking import make_tracker
 from .session import init_ray
@@ -209,6 +210,7 @@ def run_sweep(config_path: str, overrides: list[str], retry_failed: bool = False
     cfg = config_from_dict(raw, source)
     check_space(raw, cfg.sweep)
     check_optuna(cfg)
+    require_local("a sweep", **{"run.output_dir": cfg.run.output_dir, "data.root": cfg.data.root})
     raw = _absolute_paths(raw)
     counts = checkpoint_counts(cfg.sweep)
     if counts:

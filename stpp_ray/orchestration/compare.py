@@ -18,6 +18,7 @@ from pathlib import Path
 from ..config import Config, config_from_dict
 from ..datasets import read_split
 from ..files import write_json_atomic, write_text_atomic
+from ..storage import require_local
 from ..methods import get_method, names as method_names
 from ..training import supervised_repeats
 
@@ -112,6 +113,7 @@ def _run(rows: list[dict], out_dir: Path, cfg: Config, seeds: list[int], seed: i
 
 def run_compare(cfg: Config, seeds: list[int], out_dir: Path, oracle_split: str | None,
                 methods: tuple[str, ...] | None = None, long_suponly: bool = True) -> dict:
+    require_local("a comparison", out=out_dir, **{"data.root": cfg.data.root})
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []

@@ -8,7 +8,6 @@ passes and ST++'s selection. Stages already done with the same fingerprint are r
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -22,6 +21,7 @@ from ..methods import get_method
 from ..methods.base import PseudoLabels, Stage, derive_fingerprint
 from ..methods.self_training import shared_fingerprint
 from ..selection import select_reliable, selection_to_json
+from ..storage import check_writable, is_uri, location, remove_tree
 from ..tracking import NullTracker, make_tracker
 from .manifest import Manifest
 
@@ -37,8 +37,9 @@ class Pipeline:
         `tracking_parent`: the MLflow run this run's MLflow run nests under (a sweep's)."""
         self.cfg = cfg
         self.method = get_method(cfg.method)
-        self.run_dir = Path(cfg.run.output_dir).resolve()
-        self.root = Path(cfg.data.root).resolve()
+        self.run_dir = location(cfg.run.output_dir).resolve()  # a directory or an object-store URI
+        self.root = location(cfg.data.root).resolve()
+        check_writable(self.run_dir)  # before the manifest is read: one error naming the store's answer
         self.shared_dir = Path(shared_root).resolve() / shared_fingerprint(cfg) if shared_root else self.run_dir
         self.train_callbacks = train_callbacks
         self.manifest = Manifest(self.run_dir / "manifest.json")
@@ -71,6 +72,9 @@ class Pipeline:
 
     def prepare_data(self) -> None:
         cfg, d = self.cfg, self.cfg.data
+        if d.demo and is_uri(self.root):
+            raise ValueError(f"data.root={self.root}: the demo dataset is generated on local disk; give a "
+                             "directory, or upload the dataset there and set data.demo=false")
         if d.demo:
             ensure_demo_dataset(self.root, seed=d.demo_seed, num_train=d.demo_num_train,
                                 num_val=d.demo_num_val, image_size=d.demo_image_size)
@@ -269,7 +273,7 @@ def _fresh_stage_dir(stage_dir: Path, fingerprint: str) -> Path:
     """The stage's directory, emptied if it holds the outputs of another config (never mixed)."""
     marker = stage_dir / ".fingerprint"
     if stage_dir.exists() and (not marker.exists() or marker.read_text() != fingerprint):
-        shutil.rmtree(stage_dir)
+        remove_tree(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text(fingerprint)
     return stage_dir

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..config import Config
 from ..files import write_json_atomic
+from ..storage import location
 from ..methods import get_method
 
 
@@ -54,7 +55,7 @@ def _selection_scores(results: dict) -> dict[str, float]:
     """The scores the select stage ranked by (selection.json), NaN for a missing score."""
     from ..selection import selection_from_json
 
-    return selection_from_json(json.loads(Path(results["select"]["path"]).read_text())).scores
+    return selection_from_json(json.loads(location(results["select"]["path"]).read_text())).scores
 
 
 def _selection_summary(cfg: Config, results: dict, run_dir: Path) -> dict | None:
