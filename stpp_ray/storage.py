@@ -44,8 +44,8 @@ def location(path) -> "Path | BucketPath":
     if scheme and scheme.group(1) == "file":
         return Path(path[len("file://"):])
     if scheme:
-        raise StorageError(f"{path}: {scheme.group(1)}:// is not supported; s3:// is, and an S3-compatible "
-                           "store through AWS_ENDPOINT_URL (GCS: https://storage.googleapis.com with HMAC keys)")
+        raise StorageError(f"{path}: {scheme.group(1)}:// is not supported; s3:// is, and any S3-compatible "
+                           "store through AWS_ENDPOINT_URL")
     return Path(path)
 
 
