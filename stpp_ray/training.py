@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -20,13 +20,14 @@ from torch.utils.data import Dataset, Sampler
 from torchvision import tv_tensors
 
 from .augment import normalize, strong_augment, to_tv, weak_augment
-from .datasets import decode_mask_png, read_image, read_mask
+from .datasets import IGNORE_INDEX, decode_mask_png, read_image, read_mask
 from .losses import cross_entropy_sum
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a pool of 10^6 items holds no per-item dict
 class TrainItem:
-    """One training image: a labeled mask on disk or a pseudo-label as PNG bytes."""
+    """One training image: a labeled mask on disk, or a pseudo-label as PNG bytes or as a row
+    of the labeling stage's shards (`pseudo_labels.ShardIndex`), read when the item is loaded."""
 
     image_id: str
     image_path: str
@@ -34,6 +35,26 @@ class TrainItem:
     mask_png: bytes | None = None
     strong: bool = False
     conf_png: bytes | None = None  # DMT: per-pixel pseudo-label confidence, round(254 p)
+    shards: Any = None  # the ShardIndex holding `row`
+    row: int = -1
+    levels: tuple[int, ...] | None = None  # DMT's curriculum: per-class confidence levels kept
+
+
+def item_labels(item: TrainItem, layout: str, with_confidence: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """The item's mask and, with `with_confidence`, its confidence map (None for ground truth).
+    Under DMT's curriculum `levels`, pixels below their class's level are 255 (ignored)."""
+    mask_png, conf_png = item.mask_png, item.conf_png
+    if item.shards is not None:
+        wanted = ("mask_png", "confidence_png") if with_confidence or item.levels else ("mask_png",)
+        mask_png, *rest = item.shards.read(item.row, wanted)
+        conf_png = rest[0] if rest else None
+    if mask_png is None:
+        return read_mask(item.mask_path, layout), None
+    mask = decode_mask_png(mask_png)
+    conf = decode_mask_png(conf_png) if conf_png is not None else None
+    if item.levels is not None:
+        mask = np.where(conf >= np.asarray(item.levels, dtype=np.uint8)[mask], mask, IGNORE_INDEX).astype(np.uint8)
+    return mask, conf if with_confidence else None
 
 
 def sample_seed(seed: int, epoch: int, index: int, *stream: int) -> int:
@@ -91,18 +112,13 @@ class TrainSet(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def _mask(self, item: TrainItem) -> np.ndarray:
-        if item.mask_png is not None:
-            return decode_mask_png(item.mask_png)
-        return read_mask(item.mask_path, self.layout)
-
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, ...]:
         epoch, index = split_key(key, self.epoch)
         item = self.items[index]
-        image, mask = to_tv(read_image(item.image_path), self._mask(item))
+        mask, conf = item_labels(item, self.layout, self.with_confidence)
+        image, mask = to_tv(read_image(item.image_path), mask)
         extra = ()
         if self.with_confidence:
-            conf = decode_mask_png(item.conf_png) if item.conf_png is not None else None
             extra = (tv_tensors.Mask(torch.from_numpy(conf) if conf is not None
                                      else torch.full(mask.shape, NO_CONFIDENCE, dtype=torch.uint8)),)
         with torch.random.fork_rng(devices=[]):  # augmentation must not disturb the model's RNG

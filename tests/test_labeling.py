@@ -105,3 +105,48 @@ def test_a_batch_of_mixed_sizes_and_modes_equals_labeling_one_by_one(checkpoints
         assert together["confidence"][i] == pytest.approx(alone["confidence"][0], rel=1e-6)
         h, w = np.asarray(Image.open(row[1])).shape[:2]
         assert decode_mask_png(together["mask_png"][i]).shape == (h, w)
+
+
+def _shard(path, ids, masks):
+    import pyarrow.parquet as pq
+    from stpp_ray.datasets import encode_mask_png
+    from stpp_ray.pseudo_labels import ROWS_PER_GROUP
+
+    n = len(ids)
+    table = pa.table({"image_id": ids, "mask_png": [encode_mask_png(m) for m in masks],
+                      "confidence_png": [encode_mask_png(np.full(m.shape, 7, np.uint8)) for m in masks],
+                      "stability": [0.0] * n, "ckpt_miou": [[]] * n, "ckpt_epochs": [[]] * n, "confidence": [0.5] * n,
+                      "entropy": [0.1] * n, "height": [m.shape[0] for m in masks], "width": [m.shape[1] for m in masks]},
+                     schema=SCHEMA)
+    pq.write_table(table, path, row_group_size=ROWS_PER_GROUP)
+
+
+def test_students_read_each_pseudo_label_from_its_row_group_when_loaded(tmp_path):
+    """Items hold a row number, not the mask: a worker's memory does not grow with the pool's
+    masks, and each load decodes one row group of its shard."""
+    import pickle
+
+    from stpp_ray.datasets import encode_mask_png
+    from stpp_ray.pseudo_labels import ROWS_PER_GROUP, ShardIndex, read_pseudo_items
+    from stpp_ray.training import item_labels
+
+    rng = np.random.default_rng(0)
+    ids = [f"u{i:03d}" for i in range(53)]
+    masks = {i: rng.integers(0, 6, (30 + k % 4, 40), dtype=np.uint8) for k, i in enumerate(ids)}  # ~1 KB as PNG
+    _shard(tmp_path / "a.parquet", ids[:40], [masks[i] for i in ids[:40]])  # 3 groups: 16, 16, 8 rows
+    _shard(tmp_path / "b.parquet", ids[40:], [masks[i] for i in ids[40:]])
+    wanted = {i: f"{i}.jpg" for i in ids[5:50]}
+    items = read_pseudo_items(tmp_path, wanted)
+    assert [i.image_id for i in items] == sorted(wanted) and all(i.mask_png is None and i.strong for i in items)
+    for item in items:
+        mask, conf = item_labels(item, "voc")
+        np.testing.assert_array_equal(mask, masks[item.image_id])
+        assert conf is None
+    assert (item_labels(items[0], "voc", with_confidence=True)[1] == 7).all()
+    index = items[0].shards
+    assert isinstance(index, ShardIndex) and index.group_starts == [[0, 16, 32], [0]] and index.file_starts == [0, 40]
+    per_item = (len(pickle.dumps(items)) - len(pickle.dumps(index))) / len(items)
+    assert per_item < 150 < min(len(encode_mask_png(m)) for m in masks.values()), "an item is a row number, not a mask"
+    assert ROWS_PER_GROUP == 16
+    with pytest.raises(ValueError, match="no pseudo-label for 1 images"):
+        read_pseudo_items(tmp_path, {**wanted, "stranger": "s.jpg"})

@@ -13,7 +13,7 @@ from stpp_ray.config import SemiConfig
 from stpp_ray.datasets import encode_mask_png
 from stpp_ray.methods import get_method
 from stpp_ray.methods.dmt import PHASE, class_balanced_thresholds, dmt_loss_sum, phase_epochs, read_curriculum_items
-from stpp_ray.training import NO_CONFIDENCE, TrainItem, TrainSet
+from stpp_ray.training import NO_CONFIDENCE, TrainItem, TrainSet, item_labels
 from stpp_ray.models import build_model, convert_batchnorm_for_distributed
 from stpp_ray.augment import half_box
 from stpp_ray.losses import masked_ce
@@ -264,9 +264,9 @@ def test_curriculum_items_keep_the_top_ratio_of_each_class(tmp_path):
     items, levels = read_curriculum_items(tmp_path, {"a": "a.jpg"}, 0.5, 2)
     # class 0: 4 pixels, keep floor(4 * 0.5) + 1 = 3 -> level 20; class 1: 2 pixels -> keep 2 -> level 100
     assert levels == [20, 100]
-    from stpp_ray.datasets import decode_mask_png
-    assert decode_mask_png(items[0].mask_png).tolist() == [[255, 0, 0, 0, 1, 1]]
-    assert items[0].conf_png is not None and not items[0].strong
+    mask, confidence = item_labels(items[0], "voc", with_confidence=True)
+    assert mask.tolist() == [[255, 0, 0, 0, 1, 1]] and confidence.tolist() == conf.tolist()
+    assert items[0].mask_png is None and not items[0].strong, "read when the item is loaded"
     assert class_balanced_thresholds(np.array([[0, 3], [0, 0]]), 0.2).tolist() == [1, 0]
 
 

@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import math
 import time
+import uuid
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 import ray
 import ray.data
+from ray.data import Datasink
+from ray.data.block import BlockAccessor
 
 from ..config import Config
 from ..labeling import Labeler
-from ..pseudo_labels import SCHEMA, check_complete, read_table
+from ..pseudo_labels import ROWS_PER_GROUP, SCHEMA, check_complete, read_table
 from ..storage import location, publish_tree, remove_tree
 
 
@@ -30,6 +34,30 @@ class ArrowLabeler(Labeler):
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         return pa.Table.from_pydict(super().__call__(batch), schema=SCHEMA)
+
+
+class ShardSink(Datasink):
+    """Ray Data sink of the labeling pass: Parquet shards of at least `rows_per_file` rows (one
+    per write task) in row groups of `ROWS_PER_GROUP` rows, so that a student reads one image's
+    pseudo-label by decoding one small group. (`write_parquet` raises the row-group size to
+    `min_rows_per_file`.)"""
+
+    def __init__(self, directory: str, rows_per_file: int):
+        self.directory, self.rows_per_file = directory, rows_per_file
+        self.write_id = uuid.uuid4().hex[:12]  # set here: the tasks get the sink as it is now
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return self.rows_per_file  # Ray Data: blocks are bundled until a task has this many rows
+
+    def write(self, blocks: Iterable, ctx) -> None:
+        tables = [t for t in (BlockAccessor.for_block(b).to_arrow() for b in blocks) if t.num_rows]
+        if not tables:
+            return
+        location(self.directory).mkdir(parents=True, exist_ok=True)
+        # Named by the task: a retried task writes over its failed attempt's file.
+        with (location(self.directory) / f"{self.write_id}_{ctx.task_idx:06d}.parquet").open("wb") as f:
+            pq.write_table(pa.concat_tables(tables), f, row_group_size=ROWS_PER_GROUP)
 
 
 def actor_pool_bounds(cfg: Config, batches: int) -> tuple[int, int]:
@@ -79,7 +107,7 @@ def run_labeling(cfg: Config, images: Sequence[tuple[str, str]], checkpoint_path
     )
     # Ray Data: shards in parallel. Writing takes no CPU slot: the actors hold them all, and a
     # writer waiting for a slot would hold finished batches back until the pool shrinks.
-    ds.write_parquet(str(partial), min_rows_per_file=cfg.label.rows_per_file, ray_remote_args={"num_cpus": 0})
+    ds.write_datasink(ShardSink(str(partial), cfg.label.rows_per_file), ray_remote_args={"num_cpus": 0})
     check_complete(read_table(partial, ["image_id"]), [i for i, _ in images], str(partial))
     publish_tree(partial, out_dir)
     wall = time.perf_counter() - start

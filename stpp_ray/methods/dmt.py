@@ -17,8 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..datasets import IGNORE_INDEX, decode_mask_png, encode_mask_png
-from ..pseudo_labels import PseudoLabelError, read_pseudo_items, read_table
+from ..datasets import IGNORE_INDEX, decode_mask_png
+from ..pseudo_labels import batches, indexed_rows, read_pseudo_items
 from ..training import NO_CONFIDENCE, TrainItem
 from .base import SUPERVISED, Method, PseudoLabels, Stage, StageBuilder, StageTraining, derive_fingerprint
 from .self_training import LABEL_KEYS, student_epochs, teacher_fingerprint, teacher_stages
@@ -82,23 +82,18 @@ def read_curriculum_items(parquet_dir: str | Path, image_paths: Mapping[str, str
                           num_classes: int) -> tuple[list[TrainItem], list[int]]:
     """DMT's training items: pseudo-labels below their class's confidence level (the top
     `ratio` of each class kept, `class_balanced_thresholds` over all these images) set to
-    255, with their confidence maps. Returns the items and the per-class levels (0-254)."""
-    table = read_table(parquet_dir, ["image_id", "mask_png", "confidence_png"])
-    rows = {i: (m, c) for i, m, c in zip(table.column("image_id").to_pylist(), table.column("mask_png").to_pylist(),
-                                          table.column("confidence_png").to_pylist())}
-    missing = [i for i in image_paths if i not in rows]
-    if missing:
-        raise PseudoLabelError(f"{parquet_dir}: no pseudo-label for {len(missing)} images (e.g. {missing[:3]})")
-    decoded = {i: (decode_mask_png(rows[i][0]), decode_mask_png(rows[i][1])) for i in image_paths}
+    255 when an item is loaded (`training.item_labels`), with their confidence maps. The
+    levels come from one streamed pass over the shards. Returns the items and the levels (0-254)."""
+    index, rows = indexed_rows(parquet_dir, image_paths)
     histogram = np.zeros((num_classes, 256), dtype=np.int64)
-    for mask, conf in decoded.values():
-        np.add.at(histogram, (mask.ravel(), conf.ravel()), 1)
+    for batch in batches(parquet_dir, ["image_id", "mask_png", "confidence_png"]):
+        for image_id, mask_png, conf_png in zip(*(batch.column(c).to_pylist() for c in range(3))):
+            if image_id in image_paths:
+                np.add.at(histogram, (decode_mask_png(mask_png).ravel(), decode_mask_png(conf_png).ravel()), 1)
     levels = class_balanced_thresholds(histogram, ratio)
-    items = []
-    for image_id, path in sorted(image_paths.items()):
-        mask, conf = decoded[image_id]
-        kept = np.where(conf >= levels[mask], mask, IGNORE_INDEX).astype(np.uint8)
-        items.append(TrainItem(image_id, path, mask_png=encode_mask_png(kept), conf_png=rows[image_id][1]))
+    kept = tuple(levels.tolist())
+    items = [TrainItem(image_id, path, shards=index, row=rows[image_id], levels=kept)
+             for image_id, path in sorted(image_paths.items())]
     return items, levels.tolist()
 
 
