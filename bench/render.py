@@ -23,14 +23,14 @@ def _runs(summary: dict) -> str:
     return ", ".join(f"{v:.1f}" for v in summary["runs"])
 
 
-def _machine(r: dict) -> list[str]:
+def machine_lines(r: dict) -> list[str]:
     m = r["machine"]
     steal = m.get("cpu_steal_pct")
     steal = "" if steal is None else f" ({steal:.0f}% CPU steal by the hypervisor during the run)"
     return [f"Measured {r['date']} on {m['cores']} cores ({m['cpu_model']}){steal}, {m['memory_gib']} GiB, "
             f"GPU: {m['gpu'] or 'none'}; torch {m['torch']} ({m['torch_threads']} threads), Ray {m['ray']}, "
-            f"Python {m['python']}. Command: `{r['command'].strip()}`; {r['total_wall_s'] / 60:.1f} min in all "
-            f"(`ray.init` {r['ray_init_s']:.1f} s).", ""]
+            f"Python {m['python']}. Command: `{r['command'].strip()}`; {r['total_wall_s'] / 60:.1f} min in all"
+            + (f" (`ray.init` {r['ray_init_s']:.1f} s)." if r.get("ray_init_s") else "."), ""]
 
 
 def _labeling(lab: dict) -> list[str]:
@@ -124,7 +124,7 @@ def targets(r: dict) -> list[list[str]]:
 
 
 def render_markdown(r: dict) -> str:
-    lines = _machine(r)
+    lines = machine_lines(r)
     if "labeling" in r:
         lines += _labeling(r["labeling"])
     if "training" in r:

@@ -1,8 +1,9 @@
 """Run the benchmarks and write bench/out/bench.json, bench/out/bench.md, bench/out/scale.md
-(and, with --update-doc, the measured and scale-model blocks of BENCHMARKS.md).
+(and, with --update-doc, the measured, memory and scale-model blocks of BENCHMARKS.md).
 
-    python -m bench.run                       # everything, under 10 minutes on 2 cores
+    python -m bench.run                       # everything
     python -m bench.run --sections labeling   # one section
+    python -m bench.run --sections memory --update-doc BENCHMARKS.md   # peak memory against |U|
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ import sys
 import time
 from pathlib import Path
 
-from . import e2e, labeling, machine, scale, training, workload
+from . import e2e, labeling, machine, memory, scale, training, workload
+from . import render
 from .render import render_markdown, update_doc
 from .stats import summary
 from .training import TRAIN_SETUPS
 
-SECTIONS = ("labeling", "training", "e2e")
+SECTIONS = ("labeling", "training", "e2e", "memory")
 
 
 def _say(msg: str) -> None:
@@ -101,6 +103,10 @@ def bench_e2e(cfg, args, scratch: Path, cores: int) -> dict:
     return result
 
 
+def bench_memory(cfg, args, scratch: Path, cores: int) -> dict:
+    return memory.run(scratch, args.memory_sizes, say=_say)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
     p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
@@ -112,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fits", type=int, default=1, help="Ray Train runs per setup (1 and 2 workers, 2 without sync BN)")
     p.add_argument("--e2e-overrides", nargs="*", default=["train.epochs=10", "train.student_epochs=1"],
                    help="config overrides of the end-to-end demo run (none: the full demo)")
+    p.add_argument("--memory-sizes", type=int, nargs="+", default=[10_000, 50_000, 200_000],
+                   help="pool sizes |U| of the memory section")
     p.add_argument("--data", type=Path, default=workload.ROOT / "data" / "demo")
     p.add_argument("--out", type=Path, default=workload.ROOT / "bench" / "out")
     p.add_argument("--update-doc", type=Path, help="rewrite the measured and scale-model blocks of this markdown file")
@@ -119,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     cfg = workload.bench_config(args.data)
-    workload.prepare_data(cfg)
+    uses_ray = bool(set(args.sections) - {"memory"})  # the memory section starts its own processes, no Ray
+    if uses_ray:
+        workload.prepare_data(cfg)
     info = machine.describe()
     ticks = machine.cpu_times()
     cores = info["cores"]
@@ -129,12 +139,14 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"machine": info, "command": "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:]),
                      "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
-    from stpp_ray.cluster.session import init_ray
-    t0 = time.perf_counter()
-    init_ray(cfg)
-    results["ray_init_s"] = time.perf_counter() - t0
-    _say(f"ray.init: {results['ray_init_s']:.1f} s")
-    runners = {"labeling": bench_labeling, "training": bench_training, "e2e": bench_e2e}
+    results["ray_init_s"] = 0.0
+    if uses_ray:
+        from stpp_ray.cluster.session import init_ray
+        t0 = time.perf_counter()
+        init_ray(cfg)
+        results["ray_init_s"] = time.perf_counter() - t0
+        _say(f"ray.init: {results['ray_init_s']:.1f} s")
+    runners = {"labeling": bench_labeling, "training": bench_training, "e2e": bench_e2e, "memory": bench_memory}
     for section in args.sections:
         t0 = time.perf_counter()
         results[section] = runners[section](cfg, args, scratch, cores)
@@ -145,13 +157,19 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.json").write_text(json.dumps(results, indent=1) + "\n")
-    markdown = render_markdown(results)
+    markdown = render_markdown({k: v for k, v in results.items() if k != "memory"})
     (args.out / "bench.md").write_text(markdown)
     scale_markdown = scale.markdown_from(results)
     (args.out / "scale.md").write_text(scale_markdown)
+    if "memory" in results:
+        memory_markdown = "\n".join(render.machine_lines(results)) + memory.markdown(results["memory"])
+        (args.out / "memory.md").write_text(memory_markdown)
     if args.update_doc:
-        update_doc(args.update_doc, markdown)
-        update_doc(args.update_doc, scale_markdown, block="scale")
+        if uses_ray:
+            update_doc(args.update_doc, markdown)
+            update_doc(args.update_doc, scale_markdown, block="scale")
+        if "memory" in results:
+            update_doc(args.update_doc, memory_markdown, block="memory")
     shutil.rmtree(scratch, ignore_errors=True)
     print(markdown)
     _say(f"total {results['total_wall_s']:.0f} s; results in {args.out}")

@@ -118,3 +118,24 @@ def test_stage_summary_splits_wall_time_into_compute_startup_and_teardown(tmp_pa
     s = summarize_stage(tmp_path, wall_s=10.0, called_at=called + 5.0)
     assert s["compute_s"] == pytest.approx(5.0) and s["startup_s"] == pytest.approx(3.0)
     assert math.isclose(summarize_stage(tmp_path, 1.0)["miou"], 0.5) and "compute_s" not in summarize_stage(tmp_path, 1.0)
+
+
+def test_memory_pool_is_what_students_read_and_its_table_gives_the_slopes(tmp_path):
+    from bench import memory
+    from stpp_ray.datasets import build_samples
+    from stpp_ray.pseudo_labels import read_pseudo_items
+    from stpp_ray.training import TrainSet
+
+    memory.make_pool(tmp_path / "pool", 40)
+    assert memory.make_shards(tmp_path / "shards", 40) > 50
+    samples = build_samples("voc", tmp_path / "pool", "unlabeled.txt", with_masks=False)
+    items = read_pseudo_items(tmp_path / "shards", {s.image_id: str(s.image_path) for s in samples})
+    image, mask = TrainSet(items, "voc", memory.MASK_SIZE, seed=0)[39]
+    assert len(items) == 40 and image.shape[-2:] == mask.shape == (memory.MASK_SIZE, memory.MASK_SIZE)
+    result = {"sizes": [10, 30], "mask_size": 64, "mask_png_bytes": 150.0, "wall_s": 1.0,
+              "peak_mib": {"worker": [100.0, 101.0], "worker_eager": [100.0, 120.0], "driver": [90.0, 90.5],
+                           "floor": [80.0, 80.0]}}
+    result["slope_mib_per_100k"] = {k: memory._slope(result["sizes"], v) for k, v in result["peak_mib"].items()}
+    table = memory.markdown(result)
+    assert result["slope_mib_per_100k"]["worker_eager"] == pytest.approx(100_000.0)
+    assert "| student Train worker (masks read when loaded) | 100 | 101 | 5000.0 |" in table

@@ -1,0 +1,177 @@
+"""Peak resident memory against the unlabeled pool's size |U|: a student Train worker's and the driver's.
+
+Each figure is the peak RSS (`ru_maxrss`) of a fresh process (`python -m bench.memory --probe ...`):
+
+- `worker`: what a student rank builds from its stage spec: the spec's pseudo-label source
+  (id -> image path of |U| images), the training items (`read_pseudo_items`: a row number
+  each, the mask read when the item is loaded) and a TrainSet, then 64 items loaded.
+- `worker_eager`: the same with every mask's PNG bytes held in the items, as before the
+  lazy reads (the shards' mask column read whole).
+- `driver`: the unlabeled samples of a |U|-id split list (`build_samples`), the selection
+  over |U| scores and the student spec's pseudo-label source, serialised.
+- `floor`: a process that imports the same modules and does nothing else.
+
+The pool: |U| copies of one `MASK_SIZE` px JPEG under the VOC layout and pseudo-label shards of
+its masks (256 rows a file, `ROWS_PER_GROUP` rows a group), generated in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+MASK_SIZE = 64
+ROWS_PER_FILE = 256
+PROBES = ("floor", "worker", "worker_eager", "driver")
+
+
+def _ids(n: int) -> list[str]:
+    return [f"u{i:07d}" for i in range(n)]
+
+
+def make_pool(root: Path, n: int) -> None:
+    """|U| image files and the split list naming them (one JPEG's bytes, written n times)."""
+    from PIL import Image
+
+    images = root / "JPEGImages"
+    images.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    pixels = np.random.default_rng(0).integers(0, 255, (MASK_SIZE, MASK_SIZE, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buf, "JPEG")
+    jpeg = buf.getvalue()
+    for image_id in _ids(n):
+        path = images / f"{image_id}.jpg"
+        if not path.exists():
+            path.write_bytes(jpeg)
+    (root / "unlabeled.txt").write_text("".join(f"{i}\n" for i in _ids(n)))
+
+
+def make_shards(out: Path, n: int) -> float:
+    """Pseudo-label shards of |U| rows; returns the mean PNG bytes of a mask."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from stpp_ray.datasets import encode_mask_png
+    from stpp_ray.pseudo_labels import ROWS_PER_GROUP, SCHEMA
+
+    rng = np.random.default_rng(1)
+    masks = []
+    for _ in range(64):  # 64 different masks of a few rectangles each, used in turn
+        mask = np.zeros((MASK_SIZE, MASK_SIZE), np.uint8)
+        for _ in range(4):
+            y, x = rng.integers(0, MASK_SIZE - 8, 2)
+            mask[y:y + rng.integers(8, 40), x:x + rng.integers(8, 40)] = rng.integers(1, 21)
+        masks.append(encode_mask_png(mask))
+    out.mkdir(parents=True, exist_ok=True)
+    ids = _ids(n)
+    for f, lo in enumerate(range(0, n, ROWS_PER_FILE)):
+        chunk = ids[lo:lo + ROWS_PER_FILE]
+        k = len(chunk)
+        pngs = [masks[(lo + j) % len(masks)] for j in range(k)]
+        table = pa.table({"image_id": chunk, "mask_png": pngs, "confidence_png": pngs, "stability": [0.5] * k,
+                          "ckpt_miou": [[0.5]] * k, "ckpt_epochs": [[1]] * k, "confidence": [0.9] * k,
+                          "entropy": [0.1] * k, "height": [MASK_SIZE] * k, "width": [MASK_SIZE] * k}, schema=SCHEMA)
+        pq.write_table(table, out / f"part_{f:06d}.parquet", row_group_size=ROWS_PER_GROUP)
+    return float(np.mean([len(m) for m in masks]))
+
+
+def probe(kind: str, root: Path, shards: Path, n: int) -> None:
+    """Runs in the measured process: build what `kind` holds, then print the peak RSS in MiB."""
+    from stpp_ray.datasets import build_samples
+    from stpp_ray.methods.base import PseudoLabels
+    from stpp_ray.pseudo_labels import read_pseudo_items, read_table
+    from stpp_ray.selection import select_reliable
+    from stpp_ray.training import TrainItem, TrainSet
+
+    if kind in ("worker", "worker_eager"):
+        paths = {i: str(root / "JPEGImages" / f"{i}.jpg") for i in _ids(n)}
+        if kind == "worker":
+            items = read_pseudo_items(shards, paths)
+        else:
+            table = read_table(shards, ["image_id", "mask_png"])
+            masks = dict(zip(table.column("image_id").to_pylist(), table.column("mask_png").to_pylist()))
+            del table
+            items = [TrainItem(i, p, mask_png=masks[i], strong=True) for i, p in sorted(paths.items())]
+        train_set = TrainSet(items, "voc", MASK_SIZE, seed=0)
+        for k in range(64):
+            train_set[k * (n // 64)]
+    elif kind == "driver":
+        samples = build_samples("voc", root, "unlabeled.txt", with_masks=False)
+        rng = np.random.default_rng(0)
+        selection = select_reliable({s.image_id: float(rng.random()) for s in samples}, 0.5)
+        source = PseudoLabels(str(shards), {s.image_id: str(s.image_path) for s in samples})
+        assert len(json.dumps(source.__dict__)) > n and selection.reliable
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def _measure(kind: str, root: Path, shards: Path, n: int) -> float:
+    done = subprocess.run([sys.executable, "-m", "bench.memory", "--probe", kind, str(root), str(shards), str(n)],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    if done.returncode:
+        raise RuntimeError(f"memory probe {kind} at |U| = {n} failed: {done.stderr.strip()[-2000:]}")
+    return float(done.stdout.split()[-1])
+
+
+def _slope(sizes: list[int], values: list[float]) -> float:
+    """Least-squares MiB per 100k images."""
+    return float(np.polyfit(np.asarray(sizes, float), np.asarray(values, float), 1)[0]) * 100_000
+
+
+def run(scratch: Path, sizes: list[int], say=print) -> dict:
+    """Peak RSS of each probe at each |U| (one pool, generated for the largest)."""
+    start = time.perf_counter()
+    root, largest = scratch / "memory_pool", max(sizes)
+    make_pool(root, largest)
+    out: dict = {"sizes": sizes, "mask_size": MASK_SIZE, "peak_mib": {p: [] for p in PROBES},
+                 "generate_s": 0.0}
+    for n in sizes:
+        shards = scratch / f"memory_shards_{n}"
+        (root / "unlabeled.txt").write_text("".join(f"{i}\n" for i in _ids(n)))
+        out["mask_png_bytes"] = make_shards(shards, n)
+        for kind in PROBES:
+            out["peak_mib"][kind].append(_measure(kind, root, shards, n))
+        say(f"memory at |U| = {n}: " + ", ".join(f"{k} {v[-1]:.0f} MiB" for k, v in out["peak_mib"].items()))
+    out["slope_mib_per_100k"] = {k: _slope(sizes, v) for k, v in out["peak_mib"].items()}
+    out["wall_s"] = time.perf_counter() - start
+    return out
+
+
+def markdown(m: dict) -> str:
+    sizes, peak = m["sizes"], m["peak_mib"]
+    lines = [f"Peak resident memory (MiB, `ru_maxrss` of a fresh process) against |U|; masks {m['mask_size']} px, "
+             f"{m['mask_png_bytes']:.0f} bytes as PNG; {m['wall_s']:.0f} s in all.", "",
+             "| process | " + " | ".join(f"|U| = {n:,}" for n in sizes) + " | slope (MiB per 100k images) |",
+             "|---|" + "---|" * (len(sizes) + 1)]
+    names = {"worker": "student Train worker (masks read when loaded)",
+             "worker_eager": "student Train worker, every mask held (before)",
+             "driver": "driver (samples, selection, spec)", "floor": "imports only"}
+    for kind in ("worker", "worker_eager", "driver", "floor"):
+        lines.append(f"| {names[kind]} | " + " | ".join(f"{v:.0f}" for v in peak[kind])
+                     + f" | {m['slope_mib_per_100k'][kind]:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.memory", description=__doc__.splitlines()[0])
+    p.add_argument("--probe", nargs=4, metavar=("KIND", "ROOT", "SHARDS", "N"))
+    p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 50_000, 200_000])
+    p.add_argument("--scratch", type=Path, default=Path("bench/out/scratch"))
+    args = p.parse_args(argv)
+    if args.probe:
+        kind, root, shards, n = args.probe
+        probe(kind, Path(root), Path(shards), int(n))
+        return 0
+    print(markdown(run(args.scratch, args.sizes)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
