@@ -34,8 +34,23 @@ def steal_percent(before: list[int] | None, after: list[int] | None) -> float | 
     return 100.0 * delta[7] / total if total > 0 else None
 
 
+def commit() -> str | None:
+    """The checkout's commit, `+changes` when its tracked files differ from it."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+changes" if dirty else "")
+
+
 def describe() -> dict:
-    """Cores, CPU model, memory, torch threads and versions, GPU if any."""
+    """Cores, CPU model, memory, torch threads and versions, GPU if any, the commit."""
     import ray
     import torch
 
@@ -54,4 +69,5 @@ def describe() -> dict:
         "ray": ray.__version__,
         "python": platform.python_version(),
         "gpu": gpu,
+        "commit": commit(),
     }

@@ -27,7 +27,8 @@ def machine_lines(r: dict) -> list[str]:
     m = r["machine"]
     steal = m.get("cpu_steal_pct")
     steal = "" if steal is None else f" ({steal:.0f}% CPU steal by the hypervisor during the run)"
-    return [f"Measured {r['date']} on {m['cores']} cores ({m['cpu_model']}){steal}, {m['memory_gib']} GiB, "
+    at = f" at commit {m['commit']}" if m.get("commit") else ""
+    return [f"Measured {r['date']}{at} on {m['cores']} cores ({m['cpu_model']}){steal}, {m['memory_gib']} GiB, "
             f"GPU: {m['gpu'] or 'none'}; torch {m['torch']} ({m['torch_threads']} threads), Ray {m['ray']}, "
             f"Python {m['python']}. Command: `{r['command'].strip()}`; {r['total_wall_s'] / 60:.1f} min in all"
             + (f" (`ray.init` {r['ray_init_s']:.1f} s)." if r.get("ray_init_s") else "."), ""]

@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     scale_markdown = scale.markdown_from(results)
     (args.out / "scale.md").write_text(scale_markdown)
     if "memory" in results:
-        memory_markdown = "\n".join(render.machine_lines(results)) + memory.markdown(results["memory"])
+        memory_markdown = "\n".join(render.machine_lines(results)) + "\n" + memory.markdown(results["memory"])
         (args.out / "memory.md").write_text(memory_markdown)
     if args.update_doc:
         if uses_ray:

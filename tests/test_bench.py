@@ -139,3 +139,9 @@ def test_memory_pool_is_what_students_read_and_its_table_gives_the_slopes(tmp_pa
     table = memory.markdown(result)
     assert result["slope_mib_per_100k"]["worker_eager"] == pytest.approx(100_000.0)
     assert "| student Train worker (masks read when loaded) | 100 | 101 | 5000.0 |" in table
+
+
+def test_scale_model_counts_the_flops_of_resnet101_deeplabv3plus():
+    """`make bench` ends with this count; a training-mode forward of one image failed in BatchNorm."""
+    train, infer = scale.count_flops()
+    assert train == pytest.approx(223.1, abs=0.5) and infer == pytest.approx(130.9, abs=0.5)
