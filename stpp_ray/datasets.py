@@ -241,7 +241,7 @@ def _sample_paths(layout: str, root: Path, entry: str, is_file) -> tuple[str, Pa
 
 def _file_test(root: Path):
     """`is_file` for the paths of a split: one listing of the prefix for an object-store root
-    (a request per file would take minutes at 100k images), `Path.is_file` otherwise."""
+    (instead of a request per image and per mask), `Path.is_file` otherwise."""
     if not isinstance(root, BucketPath):
         return lambda p: p.is_file()
     keys = root.files_under()
