@@ -18,8 +18,7 @@ import time
 from pathlib import Path
 
 from . import e2e, labeling, machine, memory, scale, training, workload
-from . import render
-from .render import render_markdown, update_doc
+from .render import machine_lines, render_markdown, update_doc
 from .stats import summary
 from .training import TRAIN_SETUPS
 
@@ -162,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     scale_markdown = scale.markdown_from(results)
     (args.out / "scale.md").write_text(scale_markdown)
     if "memory" in results:
-        memory_markdown = "\n".join(render.machine_lines(results)) + "\n" + memory.markdown(results["memory"])
+        memory_markdown = "\n".join(machine_lines(results)) + "\n" + memory.markdown(results["memory"])
         (args.out / "memory.md").write_text(memory_markdown)
     if args.update_doc:
         if uses_ray:

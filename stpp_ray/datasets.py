@@ -286,9 +286,12 @@ def _open_fully(path: Path | str, what: str) -> Image.Image:
     """Open and fully decode an image file, turning every failure into DatasetError."""
     path = location(path)
     try:
-        # An object is read in one request; the size comes with it.
-        source = io.BytesIO(path.read_bytes()) if isinstance(path, BucketPath) else path
-        if (source.getbuffer().nbytes if isinstance(source, io.BytesIO) else path.stat().st_size) == 0:
+        if isinstance(path, BucketPath):  # one request for the object, its size with it
+            data = path.read_bytes()
+            source, size = io.BytesIO(data), len(data)
+        else:
+            source, size = path, path.stat().st_size
+        if size == 0:
             raise DatasetError(f"{path}: empty (zero-byte) {what} file")
     except FileNotFoundError:
         raise DatasetError(f"{path}: missing {what} file") from None

@@ -15,16 +15,26 @@ from pathlib import Path
 from .storage import BucketPath, location
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write `text` to a temporary file beside `path`, then rename it over `path`."""
+@contextmanager
+def atomic_output(path: str | Path):
+    """A binary file that replaces `path` only when the block ends without an error: a
+    temporary file beside it renamed over it, or one upload to an object store."""
     path = location(path)
     if isinstance(path, BucketPath):
-        path.write_text(text)
+        with path.open("wb") as f:
+            yield f
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    with open(tmp, "wb") as f:
+        yield f
     os.replace(tmp, path)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write `text` to `path` through `atomic_output`."""
+    with atomic_output(path) as f:
+        f.write(text.encode())
 
 
 def write_json_atomic(path: str | Path, obj) -> None:

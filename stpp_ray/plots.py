@@ -18,7 +18,8 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from .datasets import VOC_COLORS  # noqa: E402
-from .storage import BucketPath, location  # noqa: E402
+from .files import atomic_output  # noqa: E402
+from .storage import location  # noqa: E402
 
 THUMB_SIZE = 256
 PAIRS_PER_ROW = 4
@@ -53,11 +54,8 @@ def _prepare(out_png) -> Path:
 
 def _save(fig, path: Path, dpi: int = 100) -> Path:
     try:
-        if isinstance(path, BucketPath):
-            with path.open("wb") as f:
-                fig.savefig(f, dpi=dpi, format="png")
-        else:
-            fig.savefig(path, dpi=dpi)
+        with atomic_output(path) as f:
+            fig.savefig(f, dpi=dpi, format="png")
     finally:
         plt.close(fig)
     return path

@@ -7,13 +7,13 @@ A weight file is a plain dict of tensors and primitives, loaded with
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .models import build_model
+from .files import atomic_output
 from .storage import BucketPath, location
 
 ARCH_KEYS = ("name", "backbone", "output_stride", "aspp_channels", "num_classes", "head", "projection_channels")
@@ -54,17 +54,9 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def save_weights(path: str | Path, model: torch.nn.Module, arch: dict, **meta: Any) -> None:
     """Write weights atomically (temp file + rename, or one upload), so a crash never leaves half a file."""
-    path = location(path)
     state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
-    blob = {"format": "stpp_ray.weights/1", "arch": dict(arch), "meta": meta, "model": state}
-    if isinstance(path, BucketPath):
-        with path.open("wb") as f:
-            torch.save(blob, f)
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(blob, tmp)
-    os.replace(tmp, path)
+    with atomic_output(path) as f:
+        torch.save({"format": "stpp_ray.weights/1", "arch": dict(arch), "meta": meta, "model": state}, f)
 
 
 def read_weights(path: str | Path) -> dict:
