@@ -1,5 +1,6 @@
-"""Scale model: a Pascal VOC ST++ run with DeepLabv3+ ResNet-101 on 1, 8 and 32 GPUs, on paper
-(`python -m bench.run` writes it too, with the fixed costs it measured).
+"""Scale model: a Pascal VOC ST++ run with DeepLabv3+ ResNet-101 on 1, 8 and 32 GPUs, and a pool of
+one million unlabeled images on 8 and 32 GPUs, on paper (`python -m bench.run` writes it too, with
+the fixed costs and memory slopes it measured).
 
 FLOPs per image are counted (torch's FlopCounterMode on meta tensors, nothing is run);
 everything else is an assumption stated in ASSUMPTIONS and printed with the table.
@@ -23,6 +24,21 @@ ASSUMPTIONS = {
     "ddp_efficiency": {1: 1.0, 8: 0.85, 16: 0.8},           # training scaling across nodes, assumed
     "label_efficiency": 0.95,  # labeling actors are independent; loading and Parquet writes cost the rest
     "node_start_s": 300,       # autoscaler bringing GPU nodes up once, assumed
+}
+
+# The million-image pool: the recipe above, |U| = 1M. Memory lines come from bench/memory.py (a
+# bench.json with its section, or the figures of BENCHMARKS.md measured at 383059b, below).
+POOL = {
+    "unlabeled": 1_000_000, "gpus": (8, 32),
+    "mask_png_bytes": 8_000,   # a 500x375 label map of a few ragged regions as PNG, assumed; read your first shard's
+    "row_overhead_bytes": 120,  # id, K stability scores, confidence, entropy, sizes (Parquet, before compression)
+    "rows_per_file": 256,       # label.rows_per_file's default
+    "list_page_keys": 1000, "list_page_s": 0.05,  # S3 ListObjectsV2: 1000 keys a page, ~50 ms a page, assumed
+    "selection_s_per_million": 2.0,  # reading |U| x K scores from the shards and sorting them, assumed
+}
+MEASURED_MEMORY = {  # bench.run --sections memory at 383059b (BENCHMARKS.md): MiB at |U| = 10k, MiB per 100k
+    "sizes": [10_000], "peak_mib": {"worker": [793.0], "worker_eager": [800.0], "driver": [758.0]},
+    "slope_mib_per_100k": {"worker": 55.7, "worker_eager": 166.6, "driver": 94.6}, "mask_png_bytes": 155.0,
 }
 
 
@@ -77,6 +93,66 @@ def project(train_gf: float, infer_gf: float, train_start_s: float, label_fixed_
     return rows
 
 
+def _peak_at(memory: dict, kind: str, n: int) -> float:
+    """MiB at |U| = n on the measured line of `kind` (from its smallest measured pool)."""
+    n0, mib0 = memory["sizes"][0], memory["peak_mib"][kind][0]
+    return mib0 + memory["slope_mib_per_100k"][kind] * (n - n0) / 100_000
+
+
+def project_pool(train_gf: float, infer_gf: float, memory: dict = MEASURED_MEMORY) -> list[dict]:
+    """The million-image pool on POOL's GPU counts: labeling hours, student hours per epoch,
+    per-process peak memory, the shards and the driver's work."""
+    a, p = ASSUMPTIONS, POOL
+    n = p["unlabeled"]
+    reliable = math.floor(n * a["reliable_fraction"])
+    shards = math.ceil(n / p["rows_per_file"])
+    row_bytes = p["mask_png_bytes"] + p["row_overhead_bytes"]
+    # Holding every mask (before the lazy reads) also holds their bytes: the measured line had 155-byte masks.
+    eager = _peak_at(memory, "worker_eager", n) + n * (p["mask_png_bytes"] - memory["mask_png_bytes"]) / 2**20
+    listing_s = math.ceil(n / p["list_page_keys"]) * p["list_page_s"]  # datasets lists the image folder once
+    rows = []
+    for gpus in p["gpus"]:
+        workers = min(gpus, a["global_batch"])
+        eff = a["ddp_efficiency"][workers]
+        label = n * (a["k"] + a["tta_views"]) * infer_gf / (a["gpu_tflops"] * 1e3 * gpus * a["label_efficiency"])
+        relabel = (n - reliable) * a["tta_views"] * infer_gf / (a["gpu_tflops"] * 1e3 * gpus * a["label_efficiency"])
+        epoch2 = 2 * n * train_gf / (a["gpu_tflops"] * 1e3 * workers * eff)  # student 2: |L| repeated to |U|, + |U|
+        rows.append({
+            "gpus": gpus, "train_workers": workers, "label_teacher_h": label / 3600, "label_student1_h": relabel / 3600,
+            "student2_epoch_h": epoch2 / 3600, "student2_h": a["epochs"] * epoch2 / 3600,
+            "worker_mib": _peak_at(memory, "worker", n), "worker_eager_mib": eager,
+            "driver_mib": _peak_at(memory, "driver", n), "shards": shards,
+            "shard_mib": p["rows_per_file"] * row_bytes / 2**20, "shards_gib": n * row_bytes / 2**30,
+            "driver_listing_s": listing_s,
+            "driver_selection_s": p["selection_s_per_million"] * n / 1e6,
+        })
+    return rows
+
+
+def render_pool(rows: list[dict], memory: dict) -> str:
+    p, a = POOL, ASSUMPTIONS
+    lines = [f"A pool of |U| = {p['unlabeled']:,} unlabeled images, the same recipe (K = {a['k']}, R = "
+             f"{a['reliable_fraction']}, {a['epochs']} epochs, global batch {a['global_batch']}):", "",
+             "| GPUs | label teacher (h) | label student 1 (h) | student 2: one epoch (h) | student 2: "
+             f"{a['epochs']} epochs (h) | Train worker peak (MiB) | same, every mask held | driver peak (MiB) "
+             "| shards | MiB a shard | shards in all (GiB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['gpus']} | {r['label_teacher_h']:.2f} | {r['label_student1_h']:.2f} | {r['student2_epoch_h']:.2f} "
+                     f"| {r['student2_h']:.0f} | {r['worker_mib']:,.0f} | {r['worker_eager_mib']:,.0f} "
+                     f"| {r['driver_mib']:,.0f} | {r['shards']:,} | {r['shard_mib']:.1f} | {r['shards_gib']:.1f} |")
+    r = rows[0]
+    lines += ["", f"The driver's work: listing the pool {r['driver_listing_s']:.0f} s on S3 "
+              f"({p['list_page_keys']} keys a page, {p['list_page_s'] * 1000:.0f} ms a page), reading the scores and "
+              f"selecting {r['driver_selection_s']:.0f} s; it sends each student worker the pool's id -> path map "
+              "once, in its stage spec. Memory lines: peak at |U| = "
+              f"{memory['sizes'][0]:,} plus the measured slope (" + ", ".join(
+                  f"{k} {v:.1f}" for k, v in memory["slope_mib_per_100k"].items() if k in ("worker", "worker_eager", "driver"))
+              + " MiB per 100k images); the every-mask-held line adds the masks' bytes beyond the measured "
+              f"{memory['mask_png_bytes']:.0f}. Assumptions: " + "; ".join(f"{k} = {v}" for k, v in p.items()) + ".", ""]
+    return "\n".join(lines)
+
+
 def render(rows: list[dict], train_gf: float, infer_gf: float, train_start_s: float, label_fixed_s: float) -> str:
     a = ASSUMPTIONS
     names = ["teacher", "label_teacher", "student1", "label_student1", "student2"]
@@ -98,8 +174,10 @@ def markdown_from(bench: dict) -> str:
     """The scale-model table, with the fixed costs measured in a bench.json dict (0 if absent)."""
     train_start = bench.get("training", {}).get("startup_s", {}).get("median", 0.0)
     label_fixed = bench.get("labeling", {}).get("ray_fixed_s", 0.0)
+    memory = bench.get("memory") or MEASURED_MEMORY
     train_gf, infer_gf = count_flops()
-    return render(project(train_gf, infer_gf, train_start, label_fixed), train_gf, infer_gf, train_start, label_fixed)
+    return (render(project(train_gf, infer_gf, train_start, label_fixed), train_gf, infer_gf, train_start, label_fixed)
+            + "\n" + render_pool(project_pool(train_gf, infer_gf, memory), memory))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -104,6 +104,21 @@ def test_scale_model_uses_at_most_the_global_batch_of_train_workers_and_gets_fas
     assert rows[0]["teacher"] == pytest.approx(expected / 3600)
 
 
+def test_million_image_pool_scales_labeling_with_gpus_and_memory_along_the_measured_slopes():
+    rows = scale.project_pool(train_gf=200.0, infer_gf=100.0)
+    eight, thirty_two = rows
+    assert (eight["gpus"], thirty_two["gpus"]) == (8, 32) and thirty_two["train_workers"] == 16
+    assert eight["label_teacher_h"] == pytest.approx(4 * thirty_two["label_teacher_h"])
+    # 1M x (K + TTA views) x 100 GFLOP on 8 GPUs at 25 TFLOP/s and 95 % efficiency
+    assert eight["label_teacher_h"] == pytest.approx(1e6 * (3 + 16.125) * 100 / (25e3 * 8 * 0.95) / 3600)
+    assert eight["worker_mib"] == pytest.approx(793 + 55.7 * 9.9) == thirty_two["worker_mib"]
+    assert eight["worker_eager_mib"] > 5 * eight["worker_mib"]  # 8 KB masks held for a million images
+    assert eight["shards"] == 3907 and eight["shards_gib"] == pytest.approx(1e6 * 8120 / 2**30)
+    own = {**scale.MEASURED_MEMORY, "slope_mib_per_100k": {"worker": 1.0, "worker_eager": 1.0, "driver": 2.0}}
+    assert scale.project_pool(200.0, 100.0, own)[0]["driver_mib"] == pytest.approx(758 + 2.0 * 9.9)
+    assert "| 8 | " in scale.render_pool(rows, scale.MEASURED_MEMORY)
+
+
 def test_stage_summary_splits_wall_time_into_compute_startup_and_teardown(tmp_path):
     called = 1000.0
     records = [{"epoch": 1, "images_per_s": 10.0, "train_seconds": 4.0, "started_at": called + 3.0},
