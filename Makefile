@@ -3,13 +3,17 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test test-fast bench venv clean
 
 demo: $(STAMP)
 	$(VENV)/bin/stpp-ray run -c jobs/demo.yaml
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
+
+# The pure core and one smoke pipeline on Ray (tests marked `ray` or `multiprocess` run in `make test` only).
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m "not (ray or multiprocess) or smoke"
 
 bench: $(STAMP)
 	$(VENV)/bin/python -m bench.run --update-doc BENCHMARKS.md

@@ -101,5 +101,10 @@ def smoke_data(tmp_path_factory):
 
 
 def pytest_collection_modifyitems(items):
-    """Tests that remove nodes or kill drivers run last, after those that share the cluster intact."""
+    """Tests that remove nodes or kill drivers run last, after those that share the cluster intact.
+    Every test that needs the Ray cluster, through any fixture, is marked `ray`, so that
+    `make test-fast` (`-m "not (ray or multiprocess) or smoke"`) starts Ray for its one smoke pipeline only."""
+    for item in items:
+        if "ray_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
     items.sort(key=lambda item: "test_cluster_faults" in item.nodeid)

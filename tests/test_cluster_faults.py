@@ -1,5 +1,6 @@
-"""Faults on the multi-node test cluster: a worker node lost during labeling, a driver killed
-mid-run, a node lost under an elastic teacher."""
+"""Faults on the multi-node test cluster: a worker node lost during labeling, a node lost under
+an elastic teacher, a driver killed mid-run (last: Ray's autoscaling coordinator keeps a killed
+driver's resource requests for 180 s, which an elastic group started after it would wait out)."""
 
 import json
 import threading
@@ -66,53 +67,10 @@ def test_labeling_completes_exactly_once_when_a_worker_node_is_removed(ray_clust
           f"{result['stats']['wall_s']:.1f} s in all")
 
 
-@pytest.mark.ray
-def test_driver_killed_mid_run_and_the_same_command_completes(ray_cluster, smoke_data, tmp_path):
-    """`stpp-ray run` SIGKILLed during the student: rerun reuses teacher and labeling."""
-    import json
-    import os
-    import signal
-    import subprocess
-    import sys
-
-    from tests.helpers import SMOKE
-
-    cluster, _ = ray_cluster
-    out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "stpp_ray", "run", "-c", SMOKE, "method=st", f"data.root={smoke_data}",
-           f"run.output_dir={out}", f"ray.address={cluster.address}", "train.epochs=2", "train.student_epochs=3"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with open(tmp_path / "first.log", "w") as log:
-        first = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        manifest = out / "manifest.json"
-        deadline = time.time() + 400
-        while time.time() < deadline and first.poll() is None:
-            stages = json.loads(manifest.read_text())["stages"] if manifest.exists() else {}
-            if "label_teacher" in stages and list((out / "ray_train").glob("student-*/epoch_0002")):
-                break  # the student's second epoch checkpoint is written, so its first is registered
-            time.sleep(0.5)
-        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        killed_at = time.time()
-        first.send_signal(signal.SIGKILL)
-        first.wait()
-    before = json.loads(manifest.read_text())["stages"]
-    assert "student" not in before
-    second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    log = second.stdout + second.stderr
-    assert "stage 'teacher' already done" in log and "stage 'label_teacher' already done" in log
-    after = json.loads(manifest.read_text())["stages"]
-    for name in ("check_data", "teacher", "label_teacher"):
-        assert after[name]["finished_at"] == before[name]["finished_at"]
-    assert after["student"]["result"]["epochs"] == 3
-    assert "[student] resuming after epoch" in log
-    print(f"rerun finished {time.time() - killed_at:.1f} s after the kill")
-
-
 def _wait_until_train_can_reserve(num_workers: int, timeout_s: float = 240) -> None:
     """An elastic group starts with as many workers as Ray's autoscaling coordinator reserves for
-    it at once, and the coordinator keeps a killed driver's requests (the previous test's) for
-    180 s. Probe it as Ray Train's elastic policy does, with 1-CPU workers, until `num_workers` fit.
+    it at once, and the coordinator keeps a killed driver's requests for 180 s (none in this
+    file's order; a test run on its own after the driver-kill test would wait here). Probe it as Ray Train's elastic policy does, with 1-CPU workers, until `num_workers` fit.
     Internal API (Ray 2.58, `ray.train.v2._internal.execution.scaling_policy`): tests only."""
     import ray
     from ray.train import ScalingConfig
@@ -182,8 +140,10 @@ def test_elastic_teacher_shrinks_to_one_worker_when_a_node_is_removed(ray_cluste
     assert [r["epoch"] for r in records] == [1, 2, 3, 4, 5, 6]
     # metrics.jsonl, not the controller's log line: Ray streams actor logs to the driver
     # asynchronously, and CI once read the capture before that line had come.
+    # The node goes once epoch 2's checkpoint is written; whether the controller had registered
+    # it by then decides whether epoch 2 is trained again on 1 worker (seen in a suite run).
     workers = [r["workers"] for r in records]
-    assert workers[:2] == [2, 2] and workers[-1] == 1, workers
+    assert workers[0] == 2 and workers[-1] == 1, workers
     # The Ray Train controller's own log shows the resize.
     run_name = next((elastic / "ray_train").glob("teacher-*")).name
     started = [line for f in (Path(cluster.head_node.get_logs_dir_path()) / "train").glob("ray-train-app-controller-*.log")
@@ -203,3 +163,46 @@ def test_elastic_teacher_shrinks_to_one_worker_when_a_node_is_removed(ray_cluste
         assert torch.allclose(x, expected[name], rtol=1e-2, atol=5e-3), name
     for name, x in a.named_buffers():
         assert torch.allclose(x.float(), expected[name].float(), rtol=2e-2, atol=2e-2), name
+
+
+@pytest.mark.ray
+def test_driver_killed_mid_run_and_the_same_command_completes(ray_cluster, smoke_data, tmp_path):
+    """`stpp-ray run` SIGKILLed during the student: rerun reuses teacher and labeling."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.helpers import SMOKE
+
+    cluster, _ = ray_cluster
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "stpp_ray", "run", "-c", SMOKE, "method=st", f"data.root={smoke_data}",
+           f"run.output_dir={out}", f"ray.address={cluster.address}", "train.epochs=2", "train.student_epochs=3"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        manifest = out / "manifest.json"
+        deadline = time.time() + 400
+        while time.time() < deadline and first.poll() is None:
+            stages = json.loads(manifest.read_text())["stages"] if manifest.exists() else {}
+            if "label_teacher" in stages and list((out / "ray_train").glob("student-*/epoch_0002")):
+                break  # the student's second epoch checkpoint is written, so its first is registered
+            time.sleep(0.5)
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        killed_at = time.time()
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    before = json.loads(manifest.read_text())["stages"]
+    assert "student" not in before
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    log = second.stdout + second.stderr
+    assert "stage 'teacher' already done" in log and "stage 'label_teacher' already done" in log
+    after = json.loads(manifest.read_text())["stages"]
+    for name in ("check_data", "teacher", "label_teacher"):
+        assert after[name]["finished_at"] == before[name]["finished_at"]
+    assert after["student"]["result"]["epochs"] == 3
+    assert "[student] resuming after epoch" in log
+    print(f"rerun finished {time.time() - killed_at:.1f} s after the kill")

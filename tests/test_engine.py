@@ -78,6 +78,7 @@ def _one_step(world: int, rank: int) -> dict:
     return {"state": state, "loss": stats["loss"]}
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("world", [2, 3])
 def test_two_or_three_workers_take_the_same_steps_as_one(tmp_path, world):
     """Synchronised BN + global pixel normalisation: 2 workers x 4 images, or 3 workers with

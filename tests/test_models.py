@@ -206,6 +206,7 @@ def _bn_worker(rank, world, port, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.multiprocess
 def test_distributed_bn_two_gloo_ranks_equal_full_batch(tmp_path):
     world = 2
     mp.spawn(_bn_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)

@@ -223,6 +223,7 @@ def _ddp_online_steps(world: int, rank: int, method: str, unlabeled: int = 4, co
             "loss_c": stats.get("loss_c"), "banks": banks.queues if banks else None}
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("method,unlabeled,contrastive", [
     ("mean_teacher", 4, False), ("u2pl", 4, False), ("unimatch", 4, False), ("u2pl", 2, False), ("unimatch", 2, False),
     ("u2pl", 4, True), ("u2pl", 2, True)])
