@@ -100,6 +100,7 @@ def smoke_data(tmp_path_factory):
     return root
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(items):
     """Tests that remove nodes or kill drivers run last, after those that share the cluster intact.
     Every test that needs the Ray cluster, through any fixture, is marked `ray`, so that

@@ -48,7 +48,7 @@ TEST_WORKERS = 2         # the test cluster: two nodes of one CPU each
 # files) run the pipeline once per family; the others generate the data of their own split lists
 # and run the data stage on it (every file and image checked), no training. Nothing else differs:
 # each split is cut to MAX_IMAGES ids, so a family's runs would train on the same counts with the
-# same settings. `STPP_JOB_CONFIGS=all` trains every file (about 29 minutes on a 2-core machine).
+# same settings. `STPP_JOB_CONFIGS=all` trains every file (36 minutes on this 2-core machine at 93c354c).
 FAMILIES = os.environ.get("STPP_JOB_CONFIGS", "families") == "families"
 FAKE_WEIGHTS_SEED = 20240601
 # The fake file's BatchNorm layers have counted this many batches; training adds its steps, so a
