@@ -14,6 +14,8 @@ import json
 import math
 from pathlib import Path
 
+from stpp_ray.config import LabelConfig
+
 ASSUMPTIONS = {
     "labeled": 662, "unlabeled": 9920, "val": 1449,        # VOC blended 1/16 (10582 train images)
     "epochs": 80, "eval_interval": 5, "global_batch": 16,   # the paper's recipe, students as the teacher
@@ -32,7 +34,7 @@ POOL = {
     "unlabeled": 1_000_000, "gpus": (8, 32),
     "mask_png_bytes": 8_000,   # a 500x375 label map of a few ragged regions as PNG, assumed; read your first shard's
     "row_overhead_bytes": 120,  # id, K stability scores, confidence, entropy, sizes (Parquet, before compression)
-    "rows_per_file": 256,       # label.rows_per_file's default
+    "rows_per_file": LabelConfig.model_fields["rows_per_file"].default,
     "list_page_keys": 1000, "list_page_s": 0.05,  # S3 ListObjectsV2: 1000 keys a page, ~50 ms a page, assumed
     "selection_s_per_million": 2.0,  # reading |U| x K scores from the shards and sorting them, assumed
 }
@@ -114,8 +116,9 @@ def project_pool(train_gf: float, infer_gf: float, memory: dict = MEASURED_MEMOR
     for gpus in p["gpus"]:
         workers = min(gpus, a["global_batch"])
         eff = a["ddp_efficiency"][workers]
-        label = n * (a["k"] + a["tta_views"]) * infer_gf / (a["gpu_tflops"] * 1e3 * gpus * a["label_efficiency"])
-        relabel = (n - reliable) * a["tta_views"] * infer_gf / (a["gpu_tflops"] * 1e3 * gpus * a["label_efficiency"])
+        per_view = infer_gf / (a["gpu_tflops"] * 1e3 * gpus * a["label_efficiency"])  # seconds per image view
+        label = n * (a["k"] + a["tta_views"]) * per_view
+        relabel = (n - reliable) * a["tta_views"] * per_view
         epoch2 = 2 * n * train_gf / (a["gpu_tflops"] * 1e3 * workers * eff)  # student 2: |L| repeated to |U|, + |U|
         rows.append({
             "gpus": gpus, "train_workers": workers, "label_teacher_h": label / 3600, "label_student1_h": relabel / 3600,
