@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import resource
 import subprocess
 import sys
@@ -55,13 +54,14 @@ def make_pool(root: Path, n: int) -> None:
     (root / "unlabeled.txt").write_text("".join(f"{i}\n" for i in _ids(n)))
 
 
-def make_shards(out: Path, n: int) -> float:
-    """Pseudo-label shards of |U| rows; returns the mean PNG bytes of a mask."""
+def make_shards(out: Path, n: int, root: Path) -> float:
+    """Pseudo-label shards of |U| rows of the pool at `root`, and the ids file naming them all
+    (`ids_file`); returns the mean PNG bytes of a mask."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from stpp_ray.datasets import encode_mask_png
-    from stpp_ray.pseudo_labels import ROWS_PER_GROUP, SCHEMA
+    from stpp_ray.pseudo_labels import ROWS_PER_GROUP, SCHEMA, write_selection
 
     rng = np.random.default_rng(1)
     masks = []
@@ -79,40 +79,51 @@ def make_shards(out: Path, n: int) -> float:
         pngs = [masks[(lo + j) % len(masks)] for j in range(k)]
         table = pa.table({"image_id": chunk, "mask_png": pngs, "confidence_png": pngs, "stability": [0.5] * k,
                           "ckpt_miou": [[0.5]] * k, "ckpt_epochs": [[1]] * k, "confidence": [0.9] * k,
-                          "entropy": [0.1] * k, "height": [MASK_SIZE] * k, "width": [MASK_SIZE] * k}, schema=SCHEMA)
+                          "entropy": [0.1] * k, "height": [MASK_SIZE] * k, "width": [MASK_SIZE] * k,
+                          "image_path": [str(root / "JPEGImages" / f"{i}.jpg") for i in chunk]}, schema=SCHEMA)
         pq.write_table(table, out / f"part_{f:06d}.parquet", row_group_size=ROWS_PER_GROUP)
+    write_selection(out.parent / f"{out.name}_selection", "pool", out, ids)
     return float(np.mean([len(m) for m in masks]))
+
+
+def selection_file(shards: Path) -> str:
+    """The selection file (`make_shards`) a student's stage spec names for the pool in `shards`."""
+    return str(next((shards.parent / f"{shards.name}_selection").glob("pool-*.arrow")))
 
 
 def probe(kind: str, root: Path, shards: Path, n: int) -> None:
     """Runs in the measured process: build what `kind` holds, then print the peak RSS in MiB."""
     from stpp_ray.datasets import build_samples
-    from stpp_ray.methods.base import PseudoLabels
-    from stpp_ray.pseudo_labels import read_pseudo_items, read_table
+    from stpp_ray.methods.base import SUPERVISED, PseudoLabels
+    from stpp_ray.pseudo_labels import read_table, write_selection
     from stpp_ray.selection import select_reliable
+    from stpp_ray.stage_setup import StageSpec, build_train_items
     from stpp_ray.training import TrainItem, TrainSet
 
     # Imports peak above what they keep (shared libraries being loaded): reset the high-water
     # mark so that the figure is the peak of what this process builds, on top of what it imported.
     _reset_peak()
     if kind in ("worker", "worker_eager"):
-        paths = {i: str(root / "JPEGImages" / f"{i}.jpg") for i in _ids(n)}
-        if kind == "worker":
-            items = read_pseudo_items(shards, paths)
+        if kind == "worker":  # what a student rank does with its stage spec
+            spec = StageSpec("student", str(shards), "fp", labeled=[["l0", "l0.jpg", "l0.png"]], val=[],
+                             method="stpp", kind=SUPERVISED, epochs=1, pseudo=[PseudoLabels(str(shards), selection_file(shards), n)])
+            items = build_train_items(StageSpec.from_dict(spec.to_dict()))  # l0 n times, then the pool
         else:
+            paths = {i: str(root / "JPEGImages" / f"{i}.jpg") for i in _ids(n)}
             table = read_table(shards, ["image_id", "mask_png"])
             masks = dict(zip(table.column("image_id").to_pylist(), table.column("mask_png").to_pylist()))
             del table
             items = [TrainItem(i, p, mask_png=masks[i], strong=True) for i, p in sorted(paths.items())]
         train_set = TrainSet(items, "voc", MASK_SIZE, seed=0)
         for k in range(64):
-            train_set[k * (n // 64)]
+            train_set[len(items) - n + k * (n // 64)]
     elif kind == "driver":
         samples = build_samples("voc", root, "unlabeled.txt", with_masks=False)
         rng = np.random.default_rng(0)
         selection = select_reliable({s.image_id: float(rng.random()) for s in samples}, 0.5)
-        source = PseudoLabels(str(shards), {s.image_id: str(s.image_path) for s in samples})
-        assert len(json.dumps(source.__dict__)) > n and selection.reliable
+        specs = [PseudoLabels(str(shards), write_selection(shards.parent / f"{shards.name}_selections", part, shards, ids), len(ids))
+                 for part, ids in (("reliable", selection.reliable), ("unreliable", selection.unreliable))]
+        assert sum(s.count for s in specs) == n
     print(_peak_mib())
 
 
@@ -157,7 +168,7 @@ def run(scratch: Path, sizes: list[int], say=print) -> dict:
     for n in sizes:
         shards = scratch / f"memory_shards_{n}"
         (root / "unlabeled.txt").write_text("".join(f"{i}\n" for i in _ids(n)))
-        out["mask_png_bytes"] = make_shards(shards, n)
+        out["mask_png_bytes"] = make_shards(shards, n, root)
         for kind in PROBES:
             out["peak_mib"][kind].append(_measure(kind, root, shards, n))
         say(f"memory at |U| = {n}: " + ", ".join(f"{k} {v[-1]:.0f} MiB" for k, v in out["peak_mib"].items()))

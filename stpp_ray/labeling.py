@@ -61,6 +61,7 @@ class Labeler:
                 for i, v in zip(indices, values):
                     out[key][i] = v
         out["image_id"] = ids
+        out["image_path"] = [str(p) for p in batch["image_path"]]
         return dict(out)
 
     @torch.inference_mode()

@@ -5,27 +5,32 @@ mask), `ckpt_miou` (IoU of each earlier checkpoint's prediction vs the final one
 `ckpt_epochs` (their epochs), `stability` (the score over all of them, NaN for one
 checkpoint; the select stage computes its K's score from `ckpt_miou` the same way), `confidence_png`
 (PNG of the per-pixel max softmax probability as round(254 p), for DMT), `confidence`
-(mean max softmax probability), `entropy` (mean pixel entropy, nats), `height`, `width`.
+(mean max softmax probability), `entropy` (mean pixel entropy, nats), `height`, `width`,
+`image_path` (the image labeled).
 
-Students read the masks lazily: a training item holds its row number in a `ShardIndex`, and
-the mask is read from its row group (`ROWS_PER_GROUP` rows) when the item is loaded, so no
-process holds the pool's masks.
+Students read the pool lazily: the driver names the images a stage trains on, with their rows,
+in a selection file (`write_selection`); a worker makes a training item when it is indexed
+(`PseudoItems`: an id and a row number), and reads the image path and mask from the row's group
+(`ROWS_PER_GROUP` rows) when the item is loaded. No worker holds a per-image Python object.
 """
 
 from __future__ import annotations
 
 import bisect
+import hashlib
 import itertools
+import json
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Mapping, Sequence
+from collections.abc import Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from .files import atomic_output
 from .storage import BucketPath, location
 from .training import TrainItem
 from .stability import stability_for_checkpoints
@@ -41,7 +46,11 @@ SCHEMA = pa.schema([
     ("entropy", pa.float64()),
     ("height", pa.int32()),
     ("width", pa.int32()),
+    ("image_path", pa.string()),
 ])
+
+# Stage fingerprints of labeling passes chain this: shards of an older layout are relabeled, not read.
+SHARD_FORMAT = "image_path"
 
 
 # A student reading one image's pseudo-label decodes the group holding it: 16 masks, not a shard.
@@ -66,28 +75,70 @@ def _open_shard(path: str, pid: int) -> pq.ParquetFile:
     return pq.ParquetFile(loc.open("rb") if isinstance(loc, BucketPath) else path)
 
 
+def _read_metadata(path: str) -> pq.FileMetaData:
+    loc = location(path)
+    if isinstance(loc, BucketPath):
+        with loc.open("rb") as f:
+            return pq.read_metadata(f)
+    return pq.read_metadata(path)
+
+
+def _column_names(meta: pq.FileMetaData) -> set[str]:
+    # Not `meta.schema.names`: the schema and its metadata form a reference cycle that holds
+    # ~170 KB of native memory per file until the garbage collector runs (pyarrow 26).
+    return {meta.row_group(0).column(i).path_in_schema for i in range(meta.num_columns)}
+
+
+def _read_file(path: str, columns: list[str] | None = None) -> pa.Table:
+    # One file, one thread, no pre-buffering: the dataset reader's read-ahead across files and
+    # `pre_buffer` hold far more than the columns (measured: 173 MB for 2 MB of ids at 200k rows).
+    loc = location(path)
+    with (loc.open("rb") if isinstance(loc, BucketPath) else open(path, "rb")) as f:
+        return pq.ParquetFile(f, pre_buffer=False).read(columns=columns, use_threads=False)
+
+
+def _read_column(path: str, column: str) -> pa.ChunkedArray:
+    return _read_file(path, [column]).column(0)
+
+
 class ShardIndex:
     """The rows of one labeling stage's shards, numbered across its files, read one at a time."""
 
-    def __init__(self, parquet_dir: str | Path):
+    def __init__(self, parquet_dir: str | Path, files: list[str] | None = None,
+                 file_starts: list[int] | None = None, group_starts: list[list[int]] | None = None):
+        """From the shards' footers, or (`files`, ...) as `to_dict` gave them."""
+        self.directory = str(parquet_dir)
+        if files is not None:
+            self.files, self.file_starts, self.group_starts = files, file_starts, group_starts
+            return
         self.files = [str(f) for f in _shard_files(parquet_dir)]
         self.file_starts: list[int] = []  # global row number of each file's first row
         self.group_starts: list[list[int]] = []  # per file, the local row of each group's first row
         total = 0
         for path in self.files:
-            meta = _open_shard(path, os.getpid()).metadata
+            meta = _read_metadata(path)
+            if meta.num_row_groups and "image_path" not in _column_names(meta):
+                raise PseudoLabelError(f"{path}: a shard without image paths (written by an older stpp_ray); "
+                                       f"delete {parquet_dir} to label again")
             sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
             self.file_starts.append(total)
             self.group_starts.append([0, *itertools.accumulate(sizes)][:-1])
             total += meta.num_rows
 
-    def rows(self) -> dict[str, int]:
-        """Image id -> global row, from one read of each shard's `image_id` column."""
-        out: dict[str, int] = {}
-        for path, start in zip(self.files, self.file_starts):
-            ids = _open_shard(path, os.getpid()).read(columns=["image_id"]).column(0).to_pylist()
-            out.update(zip(ids, range(start, start + len(ids))))
-        return out
+    def to_dict(self) -> dict:
+        return {"parquet_dir": self.directory, "files": self.files, "file_starts": self.file_starts,
+                "group_starts": self.group_starts}
+
+    def rows_of(self, image_ids: pa.Array) -> np.ndarray:
+        """The global row of each of `image_ids` (Arrow, no per-id Python object); PseudoLabelError
+        naming the images without one."""
+        ids = pa.chunked_array([_read_column(p, "image_id") for p in self.files], pa.string()).combine_chunks()
+        rows = pc.index_in(image_ids, value_set=ids)
+        if rows.null_count:
+            missing = image_ids.filter(pc.is_null(rows))
+            raise PseudoLabelError(f"{self.directory}: no pseudo-label for {len(missing)} images "
+                                   f"(e.g. {missing[:3].to_pylist()})")
+        return rows.to_numpy().astype(np.int64)
 
     def read(self, row: int, columns: Sequence[str]) -> list:
         """The values of `columns` in global row `row` (one row group decoded)."""
@@ -98,63 +149,103 @@ class ShardIndex:
         return [group.column(c)[local - self.group_starts[f][g]].as_py() for c in columns]
 
 
-def indexed_rows(parquet_dir: str | Path, image_ids) -> tuple[ShardIndex, dict[str, int]]:
-    """The shards' index and the rows of `image_ids`; PseudoLabelError naming any without one."""
-    index = ShardIndex(parquet_dir)
-    rows = index.rows()
-    missing = [i for i in image_ids if i not in rows]
-    if missing:
-        raise PseudoLabelError(f"{parquet_dir}: no pseudo-label for {len(missing)} images (e.g. {missing[:3]})")
-    return index, rows
+class PseudoItems(Sequence):
+    """Training items of the rows of one labeling stage's shards, each made when it is indexed:
+    the pool is held as sorted image ids (Arrow) and their row numbers (int64)."""
 
+    def __init__(self, index: ShardIndex, image_ids: pa.Array, rows: np.ndarray, *, strong: bool = True,
+                 levels: tuple[int, ...] | None = None):
+        self.index, self.image_ids, self.rows, self.strong, self.levels = index, image_ids, rows, strong, levels
 
-def _shards(parquet_dir: str | Path) -> pads.Dataset:
-    """The shards of one labeling stage, on disk or in an object store."""
-    parquet_dir = location(parquet_dir)
-    files = _shard_files(parquet_dir)
-    if isinstance(parquet_dir, BucketPath):
-        return pads.dataset([f.fs_path for f in files], format="parquet", filesystem=parquet_dir.fs)
-    return pads.dataset([str(f) for f in files], format="parquet")
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(len(self)))]
+        return TrainItem(self.image_ids[k].as_py(), None, strong=self.strong, shards=self.index,
+                         row=int(self.rows[k]), levels=self.levels)
 
 
 def batches(parquet_dir: str | Path, columns: list[str]):
-    """The shards' `columns`, streamed a few rows at a time (memory bounded by the batches in flight)."""
-    return _shards(parquet_dir).to_batches(columns=columns, batch_size=ROWS_PER_GROUP)
+    """The shards' `columns`, streamed a row group at a time, one file after another."""
+    for path in _shard_files(parquet_dir):
+        loc = location(path)
+        with (loc.open("rb") if isinstance(loc, BucketPath) else open(path, "rb")) as f:
+            yield from pq.ParquetFile(f, pre_buffer=False).iter_batches(ROWS_PER_GROUP, columns=columns, use_threads=False)
 
 
 def read_table(parquet_dir: str | Path, columns: list[str] | None = None) -> pa.Table:
-    """All shards of one labeling stage as one table."""
-    return _shards(parquet_dir).to_table(columns=columns)
+    """All shards of one labeling stage as one table (read file by file, see `_read_file`)."""
+    return pa.concat_tables([_read_file(str(f), columns) for f in _shard_files(parquet_dir)])
 
 
-def check_complete(table: pa.Table, expected_ids: list[str], where: str) -> None:
-    """Every expected image exactly once, nothing else."""
-    ids = table.column("image_id").to_pylist()
-    seen: dict[str, int] = {}
-    for i in ids:
-        seen[i] = seen.get(i, 0) + 1
-    dup = sorted(i for i, n in seen.items() if n > 1)
-    missing = sorted(set(expected_ids) - seen.keys())
-    extra = sorted(seen.keys() - set(expected_ids))
-    if dup or missing or extra:
+def check_complete(table: pa.Table, expected_ids: Sequence[str] | pa.Array, where: str) -> None:
+    """Every expected image exactly once, nothing else (in Arrow: no per-id Python object)."""
+    ids = table.column("image_id").combine_chunks()
+    expected = expected_ids if isinstance(expected_ids, pa.Array) else pa.array(list(expected_ids), pa.string())
+    counts = pc.value_counts(ids)
+    dup = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+    missing = expected.filter(pc.invert(pc.is_in(expected, value_set=ids)))
+    extra = counts.field("values").filter(pc.invert(pc.is_in(counts.field("values"), value_set=expected)))
+    if len(dup) or len(missing) or len(extra):
+        shown = [v for found in (missing, dup, extra) for v in sorted(found.to_pylist())][:3]
         raise PseudoLabelError(
             f"{where}: pseudo-labels incomplete: {len(missing)} missing, {len(dup)} duplicated, "
-            f"{len(extra)} unexpected (e.g. {(missing + dup + extra)[:3]})"
+            f"{len(extra)} unexpected (e.g. {shown})"
         )
 
 
-def read_masks(parquet_dir: str | Path, image_ids: Sequence[str]) -> dict[str, bytes]:
-    """The PNG-encoded pseudo-labels of the given images only (a filtered read of the shards)."""
-    table = _shards(parquet_dir).to_table(
-        columns=["image_id", "mask_png"], filter=pc.field("image_id").isin(list(image_ids)))
-    return dict(zip(table.column("image_id").to_pylist(), table.column("mask_png").to_pylist()))
+def read_rows(parquet_dir: str | Path, image_ids: Sequence[str], columns: list[str]) -> dict[str, list]:
+    """`columns` of the given images only (the shards streamed, the other rows dropped), by image id."""
+    wanted = pa.array(list(image_ids), pa.string())
+    out = {}
+    for batch in batches(parquet_dir, ["image_id", *columns]):
+        batch = batch.filter(pc.is_in(batch.column(0), value_set=wanted))
+        out.update({i: values for i, *values in zip(*(c.to_pylist() for c in batch.columns))})
+    return out
 
 
-def read_pseudo_items(parquet_dir: str | Path, image_paths: Mapping[str, str]) -> list[TrainItem]:
-    """Training items for the given images, each naming its row of the shards (its mask is
-    read when the item is loaded); strong augmentation on."""
-    index, rows = indexed_rows(parquet_dir, image_paths)
-    return [TrainItem(i, path, strong=True, shards=index, row=rows[i]) for i, path in sorted(image_paths.items())]
+def write_selection(directory: str | Path, name: str, parquet_dir: str | Path, image_ids: Sequence[str]) -> str:
+    """The pseudo-labels of `image_ids` in `parquet_dir` as one Arrow IPC file in `directory`:
+    the sorted, distinct ids with their rows and the shards' index. Run on the driver, once per
+    stage, so that no Train worker reads every shard's ids and footer. Named by `name` and its
+    content (writing the same selection again is a no-op); returns its path."""
+    items = read_pseudo_items(parquet_dir, sorted(set(map(str, image_ids))))
+    table = pa.table({"image_id": items.image_ids, "row": pa.array(items.rows, pa.int64())})
+    table = table.replace_schema_metadata({"index": json.dumps(items.index.to_dict())})
+    digest = hashlib.sha256(str(parquet_dir).encode())
+    for column in table.columns:
+        for buf in column.chunk(0).buffers():
+            if buf is not None:
+                digest.update(buf)
+    path = location(directory) / f"{name}-{digest.hexdigest()[:16]}.arrow"
+    if not path.exists():
+        with atomic_output(path) as f, pa.ipc.new_file(f, table.schema) as writer:
+            writer.write_table(table)
+    return str(path)
+
+
+def read_selection(path: str | Path, strong: bool = True) -> PseudoItems:
+    """The training items of a `write_selection` file. IPC, not Parquet: reading it allocates
+    its two columns and little else (Parquet's decoding buffers grew with the pool)."""
+    loc = location(path)
+    with (loc.open("rb") if isinstance(loc, BucketPath) else pa.OSFile(str(loc))) as f:
+        table = pa.ipc.open_file(f).read_all()
+    index = ShardIndex(**json.loads(table.schema.metadata[b"index"]))
+    rows = table.column("row").combine_chunks().to_numpy()
+    return PseudoItems(index, table.column("image_id").combine_chunks(), rows, strong=strong)
+
+
+def read_pseudo_items(parquet_dir: str | Path, image_ids: pa.Array | Sequence[str], strong: bool = True) -> PseudoItems:
+    """Training items for the given images, sorted by id and each naming its row of the shards
+    (its image path and mask are read when the item is loaded); strong augmentation on."""
+    ids = image_ids if isinstance(image_ids, pa.Array) else pa.array(image_ids, pa.string())
+    if len(ids) > 1 and not pc.all(pc.greater(ids[1:], ids[:-1])).as_py():  # a `write_ids` file is sorted
+        ids = pc.unique(ids)
+        ids = ids.take(pc.sort_indices(ids))
+    index = ShardIndex(parquet_dir)
+    return PseudoItems(index, ids, index.rows_of(ids), strong=strong)
 
 
 def scores(parquet_dir: str | Path, checkpoint_epochs: list[int]) -> dict[str, float]:

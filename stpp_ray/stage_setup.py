@@ -19,7 +19,7 @@ from .methods.base import PseudoLabels, StageTraining, plain_pseudo_items, teach
 from .methods.online import OnlineMethod, UnlabeledSet
 from .models import build_model, convert_batchnorm_for_distributed, split_parameters
 from .storage import is_uri
-from .training import GlobalBatchSampler, TrainItem, TrainSet, build_optimizer, poly_scheduler, supervised_repeats
+from .training import GlobalBatchSampler, ItemSequence, TrainItem, TrainSet, build_optimizer, poly_scheduler, supervised_repeats
 from .weights import read_weights
 
 
@@ -50,24 +50,21 @@ class StageSpec:
         return cls(**{**d, "pseudo": [PseudoLabels(**p) for p in d["pseudo"]]})
 
 
-def build_train_items(spec: StageSpec, training: StageTraining | None = None, num_classes: int = 0) -> list[TrainItem]:
+def build_train_items(spec: StageSpec, training: StageTraining | None = None, num_classes: int = 0) -> ItemSequence:
     """Labeled items, then pseudo-labeled ones, as LiheYoung/ST-PlusPlus main.py and
     dataset/semi.py: a supervised stage (no pseudo-labels, no unlabeled stream: the teachers)
     lists a small labeled set twice (`supervised_repeats`); a student repeats the
     labeled set ceil(|pseudo| / |L|) times to balance its pseudo-labeled images. The
-    pseudo-labels are read as `training` says (DMT keeps a curriculum of them)."""
+    pseudo-labels are read as `training` says (DMT keeps a curriculum of them), made when indexed."""
     labeled = [TrainItem(i, img, mask) for i, img, mask in spec.labeled]
     if not spec.pseudo and not spec.unlabeled:
-        return labeled * supervised_repeats(len(labeled))
+        return ItemSequence((labeled, supervised_repeats(len(labeled))))
     read = training.read_pseudo if training is not None else plain_pseudo_items
-    pseudo: list[TrainItem] = []
-    for source in spec.pseudo:
-        if source.image_paths:  # empty: a selection of no image (R * |U| < 1, or R = 1 for the unreliable part)
-            pseudo.extend(read(source, num_classes))
-    if pseudo and labeled:
-        repeat = -(-len(pseudo) // len(labeled))
-        labeled = labeled * repeat
-    return labeled + pseudo
+    # empty: a selection of no image (R * |U| < 1, or R = 1 for the unreliable part)
+    pseudo = [read(source, num_classes) for source in spec.pseudo if source.count]
+    total = sum(len(p) for p in pseudo)
+    repeat = -(-total // len(labeled)) if total and labeled else 1
+    return ItemSequence((labeled, repeat), *((p, 1) for p in pseudo))
 
 
 @dataclass

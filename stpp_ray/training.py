@@ -8,10 +8,13 @@ equal to a step with one worker at the same global batch size.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -27,10 +30,11 @@ from .losses import cross_entropy_sum
 @dataclass(frozen=True, slots=True)  # slots: a pool of 10^6 items holds no per-item dict
 class TrainItem:
     """One training image: a labeled mask on disk, or a pseudo-label as PNG bytes or as a row
-    of the labeling stage's shards (`pseudo_labels.ShardIndex`), read when the item is loaded."""
+    of the labeling stage's shards (`pseudo_labels.ShardIndex`), read with the image's path
+    (`image_path` None) when the item is loaded."""
 
     image_id: str
-    image_path: str
+    image_path: str | None
     mask_path: str | None = None
     mask_png: bytes | None = None
     strong: bool = False
@@ -40,21 +44,44 @@ class TrainItem:
     levels: tuple[int, ...] | None = None  # DMT's curriculum: per-class confidence levels kept
 
 
-def item_labels(item: TrainItem, layout: str, with_confidence: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-    """The item's mask and, with `with_confidence`, its confidence map (None for ground truth).
-    Under DMT's curriculum `levels`, pixels below their class's level are 255 (ignored)."""
-    mask_png, conf_png = item.mask_png, item.conf_png
+def item_data(item: TrainItem, layout: str, with_confidence: bool = False) -> tuple[str, np.ndarray, np.ndarray | None]:
+    """The item's image path, its mask and, with `with_confidence`, its confidence map (None for
+    ground truth). Under DMT's curriculum `levels`, pixels below their class's level are 255 (ignored)."""
+    image_path, mask_png, conf_png = item.image_path, item.mask_png, item.conf_png
     if item.shards is not None:
-        wanted = ("mask_png", "confidence_png") if with_confidence or item.levels else ("mask_png",)
-        mask_png, *rest = item.shards.read(item.row, wanted)
+        wanted = ["image_path", "mask_png"] + (["confidence_png"] if with_confidence or item.levels else [])
+        image_path, mask_png, *rest = item.shards.read(item.row, wanted)
         conf_png = rest[0] if rest else None
     if mask_png is None:
-        return read_mask(item.mask_path, layout), None
+        return image_path, read_mask(item.mask_path, layout), None
     mask = decode_mask_png(mask_png)
     conf = decode_mask_png(conf_png) if conf_png is not None else None
     if item.levels is not None:
         mask = np.where(conf >= np.asarray(item.levels, dtype=np.uint8)[mask], mask, IGNORE_INDEX).astype(np.uint8)
-    return mask, conf if with_confidence else None
+    return image_path, mask, conf if with_confidence else None
+
+
+class ItemSequence(Sequence):
+    """Training items as parts, each a sequence listed some number of times, indexed without a
+    list of them all (a student's labeled set repeated to match a pool of pseudo-labels)."""
+
+    def __init__(self, *parts: tuple[Sequence[TrainItem], int]):
+        self.parts = [(items, times) for items, times in parts if len(items) and times]
+        self.starts = [0, *itertools.accumulate(len(items) * times for items, times in self.parts)]
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(len(self)))]
+        if k < 0:
+            k += len(self)
+        if not 0 <= k < len(self):
+            raise IndexError(k)
+        p = bisect.bisect_right(self.starts, k) - 1
+        items, _ = self.parts[p]
+        return items[(k - self.starts[p]) % len(items)]
 
 
 def sample_seed(seed: int, epoch: int, index: int, *stream: int) -> int:
@@ -97,7 +124,7 @@ class TrainSet(Dataset):
 
     def __init__(self, items: Sequence[TrainItem], layout: str, crop_size: int, seed: int,
                  with_confidence: bool = False, base_size: int = 0):
-        self.items = list(items)
+        self.items = items if isinstance(items, Sequence) else list(items)  # lazy sequences stay lazy
         self.with_confidence = with_confidence
         self.layout = layout
         self.seed = seed
@@ -115,8 +142,8 @@ class TrainSet(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, ...]:
         epoch, index = split_key(key, self.epoch)
         item = self.items[index]
-        mask, conf = item_labels(item, self.layout, self.with_confidence)
-        image, mask = to_tv(read_image(item.image_path), mask)
+        image_path, mask, conf = item_data(item, self.layout, self.with_confidence)
+        image, mask = to_tv(read_image(image_path), mask)
         extra = ()
         if self.with_confidence:
             extra = (tv_tensors.Mask(torch.from_numpy(conf) if conf is not None

@@ -138,13 +138,15 @@ def test_stage_summary_splits_wall_time_into_compute_startup_and_teardown(tmp_pa
 def test_memory_pool_is_what_students_read_and_its_table_gives_the_slopes(tmp_path):
     from bench import memory
     from stpp_ray.datasets import build_samples
-    from stpp_ray.pseudo_labels import read_pseudo_items
-    from stpp_ray.training import TrainSet
+    from stpp_ray.pseudo_labels import read_selection
+    from stpp_ray.training import TrainSet, item_data
 
     memory.make_pool(tmp_path / "pool", 40)
-    assert memory.make_shards(tmp_path / "shards", 40) > 50
+    assert memory.make_shards(tmp_path / "shards", 40, tmp_path / "pool") > 50
     samples = build_samples("voc", tmp_path / "pool", "unlabeled.txt", with_masks=False)
-    items = read_pseudo_items(tmp_path / "shards", {s.image_id: str(s.image_path) for s in samples})
+    items = read_selection(memory.selection_file(tmp_path / "shards"))
+    assert [i.image_id for i in items] == [s.image_id for s in samples]
+    assert item_data(items[7], "voc")[0] == str(samples[7].image_path)
     image, mask = TrainSet(items, "voc", memory.MASK_SIZE, seed=0)[39]
     assert len(items) == 40 and image.shape[-2:] == mask.shape == (memory.MASK_SIZE, memory.MASK_SIZE)
     result = {"sizes": [10, 30], "mask_size": 64, "mask_png_bytes": 150.0, "wall_s": 1.0,

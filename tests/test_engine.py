@@ -114,7 +114,7 @@ def test_train_items_double_a_small_labeled_set_for_the_teacher_only(tmp_path):
     import pyarrow.parquet as pq
 
     from stpp_ray.datasets import encode_mask_png
-    from stpp_ray.pseudo_labels import SCHEMA
+    from stpp_ray.pseudo_labels import SCHEMA, write_selection
     from stpp_ray.methods.base import SUPERVISED, PseudoLabels
     from stpp_ray.stage_setup import StageSpec, build_train_items
 
@@ -133,10 +133,11 @@ def test_train_items_double_a_small_labeled_set_for_the_teacher_only(tmp_path):
     mask = encode_mask_png(np.zeros((4, 4), np.uint8))
     pq.write_table(pa.Table.from_pylist([{"image_id": i, "mask_png": mask} for i in ids], schema=SCHEMA),
                    tmp_path / "part-0.parquet")
-    source = PseudoLabels(str(tmp_path), {i: f"{i}.jpg" for i in ids})
+    source = PseudoLabels(str(tmp_path), write_selection(tmp_path / "selections", "label_teacher", tmp_path, ids), len(ids))
     student = build_train_items(spec(3, pseudo=[source]))
     assert [it.image_id for it in student[:12]] == ["l0", "l1", "l2"] * 4  # ceil(10 / 3), not doubled first
     assert [it.image_id for it in student[12:]] == ids and all(it.strong for it in student[12:])
+    assert len(student) == 22 and student[-1].image_id == "u9" and student[13].image_id == "u1"
 
 
 def test_sampler_can_pass_the_epoch_with_each_index(tmp_path):

@@ -116,37 +116,83 @@ def _shard(path, ids, masks):
     table = pa.table({"image_id": ids, "mask_png": [encode_mask_png(m) for m in masks],
                       "confidence_png": [encode_mask_png(np.full(m.shape, 7, np.uint8)) for m in masks],
                       "stability": [0.0] * n, "ckpt_miou": [[]] * n, "ckpt_epochs": [[]] * n, "confidence": [0.5] * n,
-                      "entropy": [0.1] * n, "height": [m.shape[0] for m in masks], "width": [m.shape[1] for m in masks]},
-                     schema=SCHEMA)
+                      "entropy": [0.1] * n, "height": [m.shape[0] for m in masks], "width": [m.shape[1] for m in masks],
+                      "image_path": [f"{i}.jpg" for i in ids]}, schema=SCHEMA)
     pq.write_table(table, path, row_group_size=ROWS_PER_GROUP)
 
 
 def test_students_read_each_pseudo_label_from_its_row_group_when_loaded(tmp_path):
-    """Items hold a row number, not the mask: a worker's memory does not grow with the pool's
-    masks, and each load decodes one row group of its shard."""
+    """Items are an id and a row number, made when indexed: a worker's memory holds neither the
+    pool's masks nor its image paths, and each load decodes one row group of its shard."""
     import pickle
 
     from stpp_ray.datasets import encode_mask_png
-    from stpp_ray.pseudo_labels import ROWS_PER_GROUP, ShardIndex, read_pseudo_items
-    from stpp_ray.training import item_labels
+    from stpp_ray.pseudo_labels import ROWS_PER_GROUP, PseudoLabelError, ShardIndex, read_pseudo_items
+    from stpp_ray.training import item_data
 
     rng = np.random.default_rng(0)
     ids = [f"u{i:03d}" for i in range(53)]
     masks = {i: rng.integers(0, 6, (30 + k % 4, 40), dtype=np.uint8) for k, i in enumerate(ids)}  # ~1 KB as PNG
     _shard(tmp_path / "a.parquet", ids[:40], [masks[i] for i in ids[:40]])  # 3 groups: 16, 16, 8 rows
     _shard(tmp_path / "b.parquet", ids[40:], [masks[i] for i in ids[40:]])
-    wanted = {i: f"{i}.jpg" for i in ids[5:50]}
+    wanted = ids[5:50][::-1] + ids[5:7]  # any order, repeats
     items = read_pseudo_items(tmp_path, wanted)
-    assert [i.image_id for i in items] == sorted(wanted) and all(i.mask_png is None and i.strong for i in items)
+    assert not isinstance(items, list) and len(items) == 45
+    assert [i.image_id for i in items] == ids[5:50] and all(i.mask_png is None and i.strong for i in items)
+    assert all(i.image_path is None for i in items), "the path is read with the mask"
     for item in items:
-        mask, conf = item_labels(item, "voc")
+        path, mask, conf = item_data(item, "voc")
         np.testing.assert_array_equal(mask, masks[item.image_id])
-        assert conf is None
-    assert (item_labels(items[0], "voc", with_confidence=True)[1] == 7).all()
+        assert path == f"{item.image_id}.jpg" and conf is None
+    assert (item_data(items[0], "voc", with_confidence=True)[2] == 7).all()
     index = items[0].shards
     assert isinstance(index, ShardIndex) and index.group_starts == [[0, 16, 32], [0]] and index.file_starts == [0, 40]
     per_item = (len(pickle.dumps(items)) - len(pickle.dumps(index))) / len(items)
     assert per_item < 150 < min(len(encode_mask_png(m)) for m in masks.values()), "an item is a row number, not a mask"
     assert ROWS_PER_GROUP == 16
-    with pytest.raises(ValueError, match="no pseudo-label for 1 images"):
-        read_pseudo_items(tmp_path, {**wanted, "stranger": "s.jpg"})
+    with pytest.raises(PseudoLabelError, match=r"no pseudo-label for 1 images \(e.g. \['stranger'\]\)"):
+        read_pseudo_items(tmp_path, [*wanted, "stranger"])
+
+
+def test_completeness_check_names_missing_duplicated_and_unexpected_images():
+    from stpp_ray.pseudo_labels import PseudoLabelError, check_complete
+
+    check_complete(pa.table({"image_id": ["b", "a"]}), ["a", "b"], "shards")
+    with pytest.raises(PseudoLabelError, match=r"shards: pseudo-labels incomplete: 2 missing, 1 duplicated, 1 "
+                                               r"unexpected \(e.g. \['c', 'd', 'a'\]\)"):
+        check_complete(pa.table({"image_id": ["a", "a", "x"]}), ["d", "a", "c"], "shards")
+
+
+def test_a_selection_file_holds_ids_rows_and_the_index_so_workers_read_one_file(tmp_path):
+    from stpp_ray.pseudo_labels import read_pseudo_items, read_selection, write_selection
+    from stpp_ray.training import item_data
+
+    ids = [f"u{i:03d}" for i in range(40)]
+    masks = [np.full((3, 4), k % 7, np.uint8) for k in range(40)]
+    (tmp_path / "shards").mkdir()
+    _shard(tmp_path / "shards" / "a.parquet", ids[20:], masks[20:])  # not in id order across files
+    _shard(tmp_path / "shards" / "b.parquet", ids[:20], masks[:20])
+    wanted = ["u031", "u002", "u017", "u002", "u025"]
+    path = write_selection(tmp_path / "sel", "label_teacher", tmp_path / "shards", wanted)
+    assert path.endswith(".arrow") and path.split("/")[-1].startswith("label_teacher-")
+    stamp = (tmp_path / "sel").stat().st_mtime_ns, len(list((tmp_path / "sel").iterdir()))
+    assert write_selection(tmp_path / "sel", "label_teacher", tmp_path / "shards", wanted[::-1]) == path
+    assert ((tmp_path / "sel").stat().st_mtime_ns, len(list((tmp_path / "sel").iterdir()))) == stamp
+    assert write_selection(tmp_path / "sel", "label_teacher", tmp_path / "shards", wanted[:2]) != path
+    items, direct = read_selection(path), read_pseudo_items(tmp_path / "shards", wanted)
+    assert [i.image_id for i in items] == ["u002", "u017", "u025", "u031"] == [i.image_id for i in direct]
+    assert items.rows.tolist() == direct.rows.tolist() == [22, 37, 5, 11]
+    assert items.index.to_dict() == direct.index.to_dict()
+    for item in items:
+        image_path, mask, _ = item_data(item, "voc")
+        assert image_path == f"{item.image_id}.jpg" and (mask == int(item.image_id[1:]) % 7).all()
+
+
+def test_shards_of_an_older_layout_are_one_error_naming_the_file(tmp_path):
+    import pyarrow.parquet as pq
+    from stpp_ray.pseudo_labels import PseudoLabelError, ShardIndex
+
+    old = pa.schema([f for f in SCHEMA if f.name != "image_path"])
+    pq.write_table(pa.Table.from_pylist([{"image_id": "a"}], schema=old), tmp_path / "part-0.parquet")
+    with pytest.raises(PseudoLabelError, match=r"part-0.parquet: a shard without image paths .* delete .* to label again"):
+        ShardIndex(tmp_path)

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from stpp_ray.weights import load_model
-from stpp_ray.training import item_labels
+from stpp_ray.training import item_data
 from stpp_ray.orchestration.pipeline import Pipeline
 from stpp_ray.methods.dmt import read_curriculum_items
+from stpp_ray.pseudo_labels import read_pseudo_items
 
 from tests.helpers import injected_fault, smoke_config
 
@@ -49,8 +50,8 @@ def test_dmt_fine_tunes_two_models_on_each_others_labels(ray_local, smoke_data, 
     # Phase 1 keeps the most confident half of each class of B's labels (ties at the level kept).
     labels = out / "pseudo_labels" / "dmt_label_teacher_b"
     ids = pq.read_table(labels, columns=["image_id"]).column("image_id").to_pylist()
-    items, levels = read_curriculum_items(labels, {i: "unused" for i in ids}, 0.5, cfg.data.num_classes)
-    ignored = np.mean([np.mean(item_labels(item, "voc")[0] == 255) for item in items])
+    items, levels = read_curriculum_items(read_pseudo_items(labels, ids), 0.5, cfg.data.num_classes)
+    ignored = np.mean([np.mean(item_data(item, "voc")[1] == 255) for item in items])
     assert 0 < ignored <= 0.5 and len(levels) == cfg.data.num_classes
 
 

@@ -104,6 +104,7 @@ def test_shards_and_a_dataset_in_a_bucket_are_read_with_one_listing(s3_store, sm
             rows[col].append(0.0)
         rows["height"].append(1)
         rows["width"].append(1)
+        rows["image_path"].append(f"im{i}.jpg")
     with shards.fs.open_output_stream((shards / "part-0.parquet").fs_path) as f:
         pq.write_table(pa.Table.from_pydict(rows, schema=SCHEMA), f)
     assert sorted(read_table(shards, ["image_id"]).column("image_id").to_pylist()) == ["im0", "im1", "im2"]

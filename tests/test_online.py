@@ -13,14 +13,14 @@ from stpp_ray.config import SemiConfig
 from stpp_ray.datasets import encode_mask_png
 from stpp_ray.methods import get_method
 from stpp_ray.methods.dmt import PHASE, class_balanced_thresholds, dmt_loss_sum, phase_epochs, read_curriculum_items
-from stpp_ray.training import NO_CONFIDENCE, TrainItem, TrainSet, item_labels
+from stpp_ray.training import NO_CONFIDENCE, TrainItem, TrainSet, item_data
 from stpp_ray.models import build_model, convert_batchnorm_for_distributed
 from stpp_ray.augment import half_box
 from stpp_ray.losses import masked_ce
 from stpp_ray.methods.online import LossTerm, StepContext, UnlabeledSet, combine, ema_decay, ema_update_
 from stpp_ray.methods.u2pl import u2pl_drop_unreliable
 from stpp_ray.methods.u2pl_contrastive import ClassQueues
-from stpp_ray.pseudo_labels import SCHEMA
+from stpp_ray.pseudo_labels import SCHEMA, read_pseudo_items
 from tests.helpers import assert_states_close, run_on_gloo_workers, write_random_images
 
 
@@ -260,12 +260,12 @@ def test_curriculum_items_keep_the_top_ratio_of_each_class(tmp_path):
     conf = np.array([[10, 20, 30, 40, 100, 200]], dtype=np.uint8)
     table = pa.table({"image_id": ["a"], "mask_png": [encode_mask_png(mask)], "confidence_png": [encode_mask_png(conf)],
                       "stability": [float("nan")], "ckpt_miou": [[]], "ckpt_epochs": [[]], "confidence": [0.5],
-                      "entropy": [0.1], "height": [1], "width": [6]}, schema=SCHEMA)
+                      "entropy": [0.1], "height": [1], "width": [6], "image_path": ["a.jpg"]}, schema=SCHEMA)
     pq.write_table(table, tmp_path / "part.parquet")
-    items, levels = read_curriculum_items(tmp_path, {"a": "a.jpg"}, 0.5, 2)
+    items, levels = read_curriculum_items(read_pseudo_items(tmp_path, ["a"]), 0.5, 2)
     # class 0: 4 pixels, keep floor(4 * 0.5) + 1 = 3 -> level 20; class 1: 2 pixels -> keep 2 -> level 100
     assert levels == [20, 100]
-    mask, confidence = item_labels(items[0], "voc", with_confidence=True)
+    _, mask, confidence = item_data(items[0], "voc", with_confidence=True)
     assert mask.tolist() == [[255, 0, 0, 0, 1, 1]] and confidence.tolist() == conf.tolist()
     assert items[0].mask_png is None and not items[0].strong, "read when the item is loaded"
     assert class_balanced_thresholds(np.array([[0, 3], [0, 0]]), 0.2).tolist() == [1, 0]

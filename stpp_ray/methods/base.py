@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
 from ..losses import cross_entropy_sum
-from ..pseudo_labels import read_pseudo_items
+from ..pseudo_labels import read_selection
 
 # Stage kinds every method may use; a method can add its own (DMT's `dmt_phase`).
 SUPERVISED = "supervised"  # cross entropy on the labeled set and any pseudo-labeled images
@@ -29,7 +29,8 @@ class PseudoLabels:
     """Pseudo-labeled images of one labeling stage that a training stage reads."""
 
     parquet_dir: str
-    image_paths: dict[str, str]  # image id -> image path
+    selection: str  # the images trained on, a `pseudo_labels.write_selection` file ("" for none)
+    count: int  # how many it names
     curriculum_ratio: float | None = None  # DMT: the top fraction of each class kept (`dmt.curriculum_items`)
 
 
@@ -60,7 +61,7 @@ class StageTraining:
 
 def plain_pseudo_items(source: PseudoLabels, num_classes: int) -> list:
     """Every pseudo-label of the source, strongly augmented (ST, ST++)."""
-    return read_pseudo_items(source.parquet_dir, source.image_paths)
+    return read_selection(source.selection)
 
 
 def teacher_training(cfg) -> StageTraining:
@@ -90,7 +91,8 @@ class StageBuilder(Protocol):
         """ST++'s reliable-image selection from `label_stage`'s scores."""
 
     def pseudo_labels(self, label_stage: str, image_ids: Sequence[str]) -> PseudoLabels:
-        """The pseudo-labels of `image_ids` written by `label_stage` (once it has run)."""
+        """The pseudo-labels of `image_ids` written by `label_stage` (once it has run), their
+        ids written to a file that the Train workers read."""
 
     def result(self, stage: str) -> dict:
         """A finished stage's result."""

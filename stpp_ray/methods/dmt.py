@@ -10,18 +10,17 @@ from __future__ import annotations
 
 from dataclasses import replace
 from functools import partial
-from pathlib import Path
-from typing import Mapping
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 
 from ..datasets import IGNORE_INDEX, decode_mask_png
-from ..pseudo_labels import batches, indexed_rows, read_pseudo_items
-from ..training import NO_CONFIDENCE, TrainItem
-from .base import SUPERVISED, Method, PseudoLabels, Stage, StageBuilder, StageTraining, derive_fingerprint
-from .self_training import LABEL_KEYS, student_epochs, teacher_fingerprint, teacher_stages
+from ..pseudo_labels import PseudoItems, batches, read_selection
+from ..training import NO_CONFIDENCE
+from .base import SUPERVISED, Method, PseudoLabels, plain_pseudo_items, Stage, StageBuilder, StageTraining, derive_fingerprint
+from .self_training import labeling_fingerprint, student_epochs, teacher_fingerprint, teacher_stages
 
 PHASE = "dmt_phase"  # a model fine-tuned on the other model's curriculum of pseudo-labels
 # voldemortX/DST-CBC segmentation/dmt-voc-20-1.sh and dmt-voc-106-1lr.sh (ep=4, lr=0.001;
@@ -78,23 +77,19 @@ def dmt_loss_sum(logits: torch.Tensor, mask: torch.Tensor, confidence: torch.Ten
     return (per_pixel * weights * valid).sum(), valid.sum()
 
 
-def read_curriculum_items(parquet_dir: str | Path, image_paths: Mapping[str, str], ratio: float,
-                          num_classes: int) -> tuple[list[TrainItem], list[int]]:
+def read_curriculum_items(items: PseudoItems, ratio: float, num_classes: int) -> tuple[PseudoItems, list[int]]:
     """DMT's training items: pseudo-labels below their class's confidence level (the top
     `ratio` of each class kept, `class_balanced_thresholds` over all these images) set to
-    255 when an item is loaded (`training.item_labels`), with their confidence maps. The
+    255 when an item is loaded (`training.item_data`), with their confidence maps. The
     levels come from one streamed pass over the shards. Returns the items and the levels (0-254)."""
-    index, rows = indexed_rows(parquet_dir, image_paths)
     histogram = np.zeros((num_classes, 256), dtype=np.int64)
-    for batch in batches(parquet_dir, ["image_id", "mask_png", "confidence_png"]):
-        for image_id, mask_png, conf_png in zip(*(batch.column(c).to_pylist() for c in range(3))):
-            if image_id in image_paths:
-                np.add.at(histogram, (decode_mask_png(mask_png).ravel(), decode_mask_png(conf_png).ravel()), 1)
+    for batch in batches(items.index.directory, ["image_id", "mask_png", "confidence_png"]):
+        batch = batch.filter(pc.is_in(batch.column(0), value_set=items.image_ids))
+        for mask_png, conf_png in zip(batch.column(1).to_pylist(), batch.column(2).to_pylist()):
+            np.add.at(histogram, (decode_mask_png(mask_png).ravel(), decode_mask_png(conf_png).ravel()), 1)
     levels = class_balanced_thresholds(histogram, ratio)
-    kept = tuple(levels.tolist())
-    items = [TrainItem(image_id, path, shards=index, row=rows[image_id], levels=kept)
-             for image_id, path in sorted(image_paths.items())]
-    return items, levels.tolist()
+    kept = PseudoItems(items.index, items.image_ids, items.rows, strong=False, levels=tuple(levels.tolist()))
+    return kept, levels.tolist()
 
 
 def phase_epochs(cfg) -> int:
@@ -102,19 +97,19 @@ def phase_epochs(cfg) -> int:
     return cfg.semi.dmt_phase_epochs or student_epochs(cfg)
 
 
-def curriculum_items(source: PseudoLabels, num_classes: int) -> list[TrainItem]:
+def curriculum_items(source: PseudoLabels, num_classes: int) -> PseudoItems:
     """A phase's training items from the other model's labels: its curriculum where the
     source names a ratio, else every pseudo-label."""
     if source.curriculum_ratio is None:
-        return read_pseudo_items(source.parquet_dir, source.image_paths)
-    items, _ = read_curriculum_items(source.parquet_dir, source.image_paths, source.curriculum_ratio, num_classes)
+        return plain_pseudo_items(source, num_classes)
+    items, _ = read_curriculum_items(read_selection(source.selection), source.curriculum_ratio, num_classes)
     return items
 
 
 class DynamicMutualTraining(Method):
     def stages(self, cfg, build: StageBuilder) -> list[Stage]:
         cfg_b = cfg.model_copy(update={"run": cfg.run.model_copy(update={"seed": cfg.run.seed + cfg.semi.dmt_seed_offset})})
-        label_fp = cfg.fingerprint(*LABEL_KEYS)
+        label_fp = labeling_fingerprint(cfg)
         phase_fp = cfg.fingerprint(*DMT_KEYS)
         models = {"a": ("teacher", teacher_fingerprint(cfg)), "b": ("teacher_b", derive_fingerprint(teacher_fingerprint(cfg_b), "teacher_b"))}
         graph = teacher_stages(cfg, build)

@@ -8,6 +8,7 @@ methods reuse the teacher's.
 
 from __future__ import annotations
 
+from ..pseudo_labels import SHARD_FORMAT
 from .base import SUPERVISED, Method, Stage, StageBuilder, derive_fingerprint
 
 TEACHER_KEYS = (
@@ -25,9 +26,14 @@ def teacher_fingerprint(cfg) -> str:
     return derive_fingerprint(cfg.fingerprint(*TEACHER_KEYS), "checkpoints", str(cfg.scoring_checkpoint_epochs()))
 
 
+def labeling_fingerprint(cfg) -> str:
+    """The labeling keys and the shards' layout: shards written by another layout are relabeled."""
+    return derive_fingerprint(cfg.fingerprint(*LABEL_KEYS), "shards", SHARD_FORMAT)
+
+
 def shared_fingerprint(cfg) -> str:
     """Fingerprint of the shared stages (teacher and its labeling pass)."""
-    return derive_fingerprint(teacher_fingerprint(cfg), cfg.fingerprint(*LABEL_KEYS), cfg.method)
+    return derive_fingerprint(teacher_fingerprint(cfg), labeling_fingerprint(cfg), cfg.method)
 
 
 def student_epochs(cfg) -> int:

@@ -123,8 +123,11 @@ class Pipeline:
         return self.results[stage]
 
     def pseudo_labels(self, label_stage: str, image_ids: Sequence[str]) -> PseudoLabels:
-        paths = {s.image_id: str(s.image_path) for s in self.unlabeled}
-        return PseudoLabels(self.results[label_stage]["parquet_dir"], {i: paths[i] for i in image_ids})
+        from ..pseudo_labels import write_selection
+
+        parquet_dir, count = self.results[label_stage]["parquet_dir"], len(set(image_ids))
+        selection = write_selection(self.run_dir / "selections", label_stage, parquet_dir, image_ids) if count else ""
+        return PseudoLabels(parquet_dir, selection, count)
 
     def train(self, name: str, fingerprint: str, *, kind: str, epochs: int, checkpoint_epochs: Sequence[int],
               pseudo: Callable[[], list[PseudoLabels]] = list, cfg: Config | None = None, init_from: str = "",
@@ -213,8 +216,7 @@ class Pipeline:
             for stage in stages:
                 if stage.name not in shared:
                     self._run_stage(stage, self.manifest, timeline)
-            report = write_report(self.cfg, self.run_dir, self.results, timeline, partial=False,
-                                  image_paths={s.image_id: str(s.image_path) for s in self.unlabeled})
+            report = write_report(self.cfg, self.run_dir, self.results, timeline, partial=False)
         except BaseException:
             self.tracker.failed()
             raise

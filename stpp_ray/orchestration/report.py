@@ -79,23 +79,22 @@ def _selection_summary(cfg: Config, results: dict, run_dir: Path) -> dict | None
     }
 
 
-def _pseudo_label_grid(results: dict, image_paths: dict[str, str], out_png: Path) -> None:
+def _pseudo_label_grid(results: dict, out_png: Path) -> None:
     from ..datasets import decode_mask_png, read_image
     from ..plots import pseudo_label_grid
-    from ..pseudo_labels import read_masks
+    from ..pseudo_labels import read_rows
 
     score_by_id = _selection_scores(results)
     reliable = set(results["select"]["reliable"])
     ranked = sorted(score_by_id, key=lambda i: (-score_by_id[i], i))
     picked = [i for i in ranked if i in reliable][:8] + [i for i in ranked if i not in reliable][-8:]
-    masks = read_masks(results["label_teacher"]["parquet_dir"], picked)
-    rows = [{"image": read_image(image_paths[i]), "mask": decode_mask_png(masks[i]), "image_id": i,
+    found = read_rows(results["label_teacher"]["parquet_dir"], picked, ["image_path", "mask_png"])
+    rows = [{"image": read_image(found[i][0]), "mask": decode_mask_png(found[i][1]), "image_id": i,
              "score": score_by_id[i], "reliable": i in reliable} for i in picked]
     pseudo_label_grid(rows, out_png, title="Teacher pseudo-labels: most and least stable images")
 
 
-def _pictures(cfg: Config, results: dict, run_dir: Path, names: list[str], final_name: str,
-              image_paths: dict[str, str]) -> list[str]:
+def _pictures(cfg: Config, results: dict, run_dir: Path, names: list[str], final_name: str) -> list[str]:
     from ..plots import per_class_iou_chart
 
     made = []
@@ -106,7 +105,7 @@ def _pictures(cfg: Config, results: dict, run_dir: Path, names: list[str], final
                             run_dir / "per_class_iou.png", title="Per-class IoU on the validation set")
         made.append("per_class_iou.png")
     if results.get("select"):
-        _pseudo_label_grid(results, image_paths, run_dir / "pseudo_labels_grid.png")
+        _pseudo_label_grid(results, run_dir / "pseudo_labels_grid.png")
         made.append("pseudo_labels_grid.png")
     return made
 
@@ -132,8 +131,7 @@ def describe_eval(summary: dict) -> str:
     return "one forward pass over each full image"
 
 
-def write_report(cfg: Config, run_dir: Path, results: dict, timeline: list[dict], partial: bool,
-                 image_paths: dict[str, str] | None = None) -> dict:
+def write_report(cfg: Config, run_dir: Path, results: dict, timeline: list[dict], partial: bool) -> dict:
     """Write report.json and report.md (pictures only once the run is complete)."""
     final_name = final_stage(cfg)
     names = class_names(cfg)
@@ -153,7 +151,7 @@ def write_report(cfg: Config, run_dir: Path, results: dict, timeline: list[dict]
     }
     if not partial:
         report["selection"] = _selection_summary(cfg, results, run_dir)
-        report["pictures"] = _pictures(cfg, results, run_dir, names, final_name, image_paths or {})
+        report["pictures"] = _pictures(cfg, results, run_dir, names, final_name)
     write_json_atomic(run_dir / "report.json", report)
     (run_dir / "report.md").write_text(render_markdown(report))
     return report
