@@ -3,13 +3,15 @@
 Each figure is the peak RSS (VmHWM) of a fresh process (`python -m bench.memory --probe ...`), its
 high-water mark reset once the imports are done:
 
-- `worker`: what a student rank builds from its stage spec: the spec's pseudo-label source
-  (id -> image path of |U| images), the training items (`read_pseudo_items`: a row number
-  each, the mask read when the item is loaded) and a TrainSet, then 64 items loaded.
-- `worker_eager`: the same with every mask's PNG bytes held in the items, as before the
+- `worker`: what a student rank builds from its stage spec: the training items of a
+  selection file of |U| images (`pseudo_labels.read_selection`: an id and a row number each,
+  the image path and mask read when an item is loaded) behind one repeated labeled item,
+  and a TrainSet, then 64 items loaded.
+- `worker_eager`: every mask's PNG bytes and image path held in the items, as before the
   lazy reads (the shards' mask column read whole).
-- `driver`: the unlabeled samples of a |U|-id split list (`build_samples`), the selection
-  over |U| scores and the student spec's pseudo-label source, serialised.
+- `driver`: the pipeline's per-image work without its Ray stages: the unlabeled pool
+  (`ImagePool.read`), the split-overlap check, a labeling pass's input and completeness
+  check, the selection over |U| scores and the two student selection files.
 - `floor`: a process that imports the same modules and does nothing else (what the imports keep).
 
 The pool: |U| copies of one `MASK_SIZE` px JPEG under the VOC layout and pseudo-label shards of
@@ -93,9 +95,10 @@ def selection_file(shards: Path) -> str:
 
 def probe(kind: str, root: Path, shards: Path, n: int) -> None:
     """Runs in the measured process: build what `kind` holds, then print the peak RSS in MiB."""
-    from stpp_ray.datasets import build_samples
+    from stpp_ray.datasets import check_disjoint
+    from stpp_ray.image_pool import ImagePool
     from stpp_ray.methods.base import SUPERVISED, PseudoLabels
-    from stpp_ray.pseudo_labels import read_table, write_selection
+    from stpp_ray.pseudo_labels import check_complete, read_table, write_selection
     from stpp_ray.selection import select_reliable
     from stpp_ray.stage_setup import StageSpec, build_train_items
     from stpp_ray.training import TrainItem, TrainSet
@@ -117,10 +120,13 @@ def probe(kind: str, root: Path, shards: Path, n: int) -> None:
         train_set = TrainSet(items, "voc", MASK_SIZE, seed=0)
         for k in range(64):
             train_set[len(items) - n + k * (n // 64)]
-    elif kind == "driver":
-        samples = build_samples("voc", root, "unlabeled.txt", with_masks=False)
+    elif kind == "driver":  # the pipeline's per-image work, without the Ray stages themselves
+        pool = ImagePool.read("voc", root, "unlabeled.txt")
+        check_disjoint(["l0"], pool.among(["l0", "v0"]), ["v0"])
+        labeling_input = pool.subset(pool.image_ids()).table()  # a labeling pass's input
+        check_complete(read_table(shards, ["image_id"]), labeling_input.column("image_id").combine_chunks(), "shards")
         rng = np.random.default_rng(0)
-        selection = select_reliable({s.image_id: float(rng.random()) for s in samples}, 0.5)
+        selection = select_reliable(dict(zip(pool.image_ids(), rng.random(len(pool)).tolist())), 0.5)
         specs = [PseudoLabels(str(shards), write_selection(shards.parent / f"{shards.name}_selections", part, shards, ids), len(ids))
                  for part, ids in (("reliable", selection.reliable), ("unreliable", selection.unreliable))]
         assert sum(s.count for s in specs) == n
@@ -183,9 +189,9 @@ def markdown(m: dict) -> str:
              f"{m['mask_png_bytes']:.0f} bytes as PNG; {m['wall_s']:.0f} s in all.", "",
              "| process | " + " | ".join(f"|U| = {n:,}" for n in sizes) + " | slope (MiB per 100k images) |",
              "|---|" + "---|" * (len(sizes) + 1)]
-    names = {"worker": "student Train worker (masks read when loaded)",
+    names = {"worker": "student Train worker (ids and rows; path and mask read when loaded)",
              "worker_eager": "student Train worker, every mask held (before)",
-             "driver": "driver (samples, selection, spec)", "floor": "imports only"}
+             "driver": "driver (pool, checks, selection, selection files)", "floor": "imports only"}
     for kind in ("worker", "worker_eager", "driver", "floor"):
         lines.append(f"| {names[kind]} | " + " | ".join(f"{v:.0f}" for v in peak[kind])
                      + f" | {m['slope_mib_per_100k'][kind]:.1f} |")

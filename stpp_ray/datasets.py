@@ -256,14 +256,11 @@ def _file_test(root: Path):
     return is_file
 
 
-def build_samples(layout: str, root: Path | str, split_file: str | Path, *, with_masks: bool) -> list[Sample]:
-    """Map the ids of ``split_file`` to image (and mask) paths of ``layout``.
-
-    Raises one DatasetError listing every missing file.
-    """
+def iter_samples(layout: str, root: Path | str, split_file: str | Path, *, with_masks: bool):
+    """The samples of ``split_file`` one at a time (image and mask paths of ``layout``); once
+    exhausted, raises one DatasetError listing every missing file."""
     _check_layout(layout)
     root = location(root)
-    samples: list[Sample] = []
     missing: list[str] = []
     entries = read_split(root, split_file)
     is_file = _file_test(root)
@@ -277,9 +274,16 @@ def build_samples(layout: str, root: Path | str, split_file: str | Path, *, with
         if with_masks and not is_file(mask_path):
             missing.append(f"{mask_path}: missing mask file")
         if image_path is not None:
-            samples.append(Sample(image_id, image_path, mask_path if with_masks else None))
+            yield Sample(image_id, image_path, mask_path if with_masks else None)
     _raise_if_problems(f"missing files for split {resolve_path(root, split_file)}", missing)
-    return samples
+
+
+def build_samples(layout: str, root: Path | str, split_file: str | Path, *, with_masks: bool) -> list[Sample]:
+    """Map the ids of ``split_file`` to image (and mask) paths of ``layout``.
+
+    Raises one DatasetError listing every missing file.
+    """
+    return list(iter_samples(layout, root, split_file, with_masks=with_masks))
 
 
 def _open_fully(path: Path | str, what: str) -> Image.Image:

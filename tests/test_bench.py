@@ -155,7 +155,7 @@ def test_memory_pool_is_what_students_read_and_its_table_gives_the_slopes(tmp_pa
     result["slope_mib_per_100k"] = {k: memory._slope(result["sizes"], v) for k, v in result["peak_mib"].items()}
     table = memory.markdown(result)
     assert result["slope_mib_per_100k"]["worker_eager"] == pytest.approx(100_000.0)
-    assert "| student Train worker (masks read when loaded) | 100 | 101 | 5000.0 |" in table
+    assert "| student Train worker (ids and rows; path and mask read when loaded) | 100 | 101 | 5000.0 |" in table
 
 
 def test_scale_model_counts_the_flops_of_resnet101_deeplabv3plus():

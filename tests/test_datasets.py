@@ -453,3 +453,20 @@ def test_encode_mask_png_rejects_bad_input():
 def test_decode_mask_png_rejects_garbage():
     with pytest.raises(DatasetError, match="cannot decode mask PNG"):
         decode_mask_png(b"not a png")
+
+
+def test_the_unlabeled_pool_is_two_arrow_columns_read_in_chunks(tmp_path, monkeypatch):
+    import pyarrow as pa
+
+    from stpp_ray import image_pool
+    from stpp_ray.image_pool import ImagePool
+
+    monkeypatch.setattr(image_pool, "CHUNK", 3)  # several chunks from 7 samples
+    samples = [Sample(f"u{i}", tmp_path / f"u{i}.jpg") for i in range(7)]
+    pool = ImagePool.of(iter(samples))
+    assert isinstance(pool.ids, pa.Array) and isinstance(pool.paths, pa.Array) and len(pool) == 7
+    assert list(pool) == samples and pool[-1] == samples[-1] and pool[2:4] == samples[2:4]
+    picked = pool.subset(["u5", "u1", "stranger"])
+    assert picked.image_ids() == ["u1", "u5"] and picked.paths.to_pylist() == [str(tmp_path / "u1.jpg"), str(tmp_path / "u5.jpg")]
+    assert pool.among(["u3", "x"]) == ["u3"] and len(ImagePool.of([])) == 0
+    assert pool.table().column_names == ["image_id", "image_path"]

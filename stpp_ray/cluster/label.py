@@ -24,6 +24,7 @@ from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
 from ..config import Config
+from ..image_pool import ImagePool
 from ..labeling import Labeler
 from ..pseudo_labels import ROWS_PER_GROUP, SCHEMA, check_complete, read_table
 from ..storage import location, publish_tree, remove_tree
@@ -75,18 +76,21 @@ def actor_pool_bounds(cfg: Config, batches: int) -> tuple[int, int]:
     return lower, upper
 
 
-def run_labeling(cfg: Config, images: Sequence[tuple[str, str]], checkpoint_paths: Sequence[str],
+def run_labeling(cfg: Config, images: ImagePool | Sequence[tuple[str, str]], checkpoint_paths: Sequence[str],
                  label_checkpoint: str, out_dir: Path, expect_arch: dict | None = None) -> dict:
-    """Label `images` ((id, path) pairs) into `out_dir`; returns timing and counts."""
+    """Label `images` (a pool, or (id, path) pairs) into `out_dir`; returns timing and counts."""
     out_dir = location(out_dir)
     partial = out_dir.with_name(out_dir.name + ".partial")
     remove_tree(partial)
     batch_size = cfg.label.batch_size
     start = time.perf_counter()
-    rows = [{"image_id": i, "image_path": p} for i, p in images]
-    blocks = max(1, min(len(rows), math.ceil(len(rows) / batch_size)))
-    lower, upper = actor_pool_bounds(cfg, blocks)
-    ds = ray.data.from_items(rows, override_num_blocks=blocks)  # Ray Data: one block per batch
+    if not isinstance(images, ImagePool):
+        images = ImagePool(pa.array([i for i, _ in images], pa.string()), pa.array([p for _, p in images], pa.string()))
+    table = images.table()
+    # Ray Data: one block per batch, sliced from the pool's columns (no per-image Python object).
+    blocks = [table.slice(lo, batch_size) for lo in range(0, len(table), batch_size)] or [table]
+    lower, upper = actor_pool_bounds(cfg, len(blocks))
+    ds = ray.data.from_arrow(blocks)
     gpu = cfg.ray.use_gpu
     ds = ds.map_batches(  # Ray Data: an autoscaling pool of actors, each loading the checkpoints once
         ArrowLabeler,
@@ -108,8 +112,8 @@ def run_labeling(cfg: Config, images: Sequence[tuple[str, str]], checkpoint_path
     # Ray Data: shards in parallel. Writing takes no CPU slot: the actors hold them all, and a
     # writer waiting for a slot would hold finished batches back until the pool shrinks.
     ds.write_datasink(ShardSink(str(partial), cfg.label.rows_per_file), ray_remote_args={"num_cpus": 0})
-    check_complete(read_table(partial, ["image_id"]), [i for i, _ in images], str(partial))
+    check_complete(read_table(partial, ["image_id"]), images.ids, str(partial))
     publish_tree(partial, out_dir)
     wall = time.perf_counter() - start
-    return {"images": len(rows), "wall_s": wall, "images_per_s": len(rows) / wall if wall else None,
+    return {"images": len(images), "wall_s": wall, "images_per_s": len(images) / wall if wall else None,
             "actors": [lower, upper], "shards": len(list(out_dir.glob("*.parquet")))}

@@ -16,6 +16,7 @@ from ..config import Config
 from ..datasets import (Sample, build_samples, check_disjoint, check_samples, read_split, resolve_path,
                         sample_for_check)
 from ..demo_data import ensure_demo_dataset
+from ..image_pool import ImagePool
 from ..files import locked, write_json_atomic
 from ..methods import get_method
 from ..methods.base import PseudoLabels, Stage, derive_fingerprint
@@ -57,7 +58,7 @@ class Pipeline:
         return self.shared_dir if stage in self.method.shared_stages else self.run_dir
 
     # ---- data -----------------------------------------------------------------
-    def _samples(self, role: str, split: str, with_masks: bool) -> list[Sample]:
+    def _split(self, role: str, split: str) -> str:
         d = self.cfg.data
         if d.max_images:
             # data.max_images: the first N ids, written to the run directory so that only
@@ -68,7 +69,10 @@ class Pipeline:
             subset.write_text(f"# the first {len(entries)} ids of {split} (data.max_images={d.max_images})\n"
                               + "".join(e + "\n" for e in entries))
             split = str(subset)
-        return build_samples(d.layout, self.root, split, with_masks=with_masks)
+        return split
+
+    def _samples(self, role: str, split: str) -> list[Sample]:
+        return build_samples(self.cfg.data.layout, self.root, self._split(role, split), with_masks=True)
 
     def prepare_data(self) -> None:
         cfg, d = self.cfg, self.cfg.data
@@ -78,13 +82,13 @@ class Pipeline:
         if d.demo:
             ensure_demo_dataset(self.root, seed=d.demo_seed, num_train=d.demo_num_train,
                                 num_val=d.demo_num_val, image_size=d.demo_image_size)
-        self.labeled = self._samples("labeled", d.labeled_split, with_masks=True)
-        self.val = self._samples("val", d.val_split, with_masks=True)
-        self.unlabeled: list[Sample] = []
+        self.labeled = self._samples("labeled", d.labeled_split)
+        self.val = self._samples("val", d.val_split)
+        self.unlabeled = ImagePool.of([])
         if self.method.uses_unlabeled:
-            self.unlabeled = self._samples("unlabeled", d.unlabeled_split, with_masks=False)
-            check_disjoint([s.image_id for s in self.labeled], [s.image_id for s in self.unlabeled],
-                           [s.image_id for s in self.val])
+            self.unlabeled = ImagePool.read(d.layout, self.root, self._split("unlabeled", d.unlabeled_split))
+            labeled, val = [s.image_id for s in self.labeled], [s.image_id for s in self.val]
+            check_disjoint(labeled, self.unlabeled.among(labeled + val), val)  # only the overlaps matter
         if cfg.model.pretrained not in ("none", "imagenet"):
             from ..models import build_backbone
             # Fail here, naming the file, rather than inside every Train worker.
@@ -117,7 +121,7 @@ class Pipeline:
         return Stage("check_data", fp, run)
 
     def unlabeled_ids(self) -> list[str]:
-        return [s.image_id for s in self.unlabeled]
+        return self.unlabeled.image_ids()
 
     def result(self, stage: str) -> dict:
         return self.results[stage]
@@ -144,7 +148,7 @@ class Pipeline:
             spec = StageSpec(name=name, stage_dir=str(stage_dir), fingerprint=fingerprint, labeled=rows(self.labeled),
                              val=rows(self.val), method=cfg.method, kind=kind, epochs=epochs, pseudo=pseudo(),
                              checkpoint_epochs=list(checkpoint_epochs),
-                             unlabeled=[str(s.image_path) for s in self.unlabeled] if unlabeled else [],
+                             unlabeled=self.unlabeled.paths.to_pylist() if unlabeled else [],
                              init_weights=self.results[init_from]["final_checkpoint"] if init_from else "")
             callbacks = self.train_callbacks() if self.train_callbacks and name not in self.method.shared_stages else []
             return fit_stage(cfg, spec, home / "ray_train", callbacks=callbacks)
@@ -164,16 +168,15 @@ class Pipeline:
                 # The last scoring checkpoint is the final epoch's weights, saved twice: naming
                 # it lets the Labeler reuse its forward pass for the pseudo-labels.
                 label_ckpt = ckpts[-1]
-            wanted = set(image_ids())
-            samples = [s for s in self.unlabeled if s.image_id in wanted]
+            images = self.unlabeled.subset(image_ids())
             out = self.home(name) / "pseudo_labels" / name.removeprefix("label_")
-            if not samples:  # e.g. R = 1 leaves no unreliable image for student1 to label
+            if not len(images):  # e.g. R = 1 leaves no unreliable image for student1 to label
                 print(f"[{name}] no images to label", flush=True)
                 return {"images": 0, "wall_s": 0.0, "images_per_s": None, "parquet_dir": str(out)}
-            print(f"[{name}] labeling {len(samples)} images with {model_stage} "
+            print(f"[{name}] labeling {len(images)} images with {model_stage} "
                   f"({len(ckpts)} checkpoint(s) scored, TTA {'on' if self.cfg.label.tta else 'off'})", flush=True)
-            stats = run_labeling(self.cfg, [(s.image_id, str(s.image_path)) for s in samples], ckpts, label_ckpt,
-                                 out, architecture(self.cfg.model, self.cfg.data.num_classes))
+            stats = run_labeling(self.cfg, images, ckpts, label_ckpt, out,
+                                 architecture(self.cfg.model, self.cfg.data.num_classes))
             print(f"[{name}] {stats['images']} images in {stats['wall_s']:.1f} s "
                   f"({stats['images_per_s']:.1f} img/s) -> {out}", flush=True)
             return {**stats, "parquet_dir": str(out)}
