@@ -74,6 +74,12 @@ class DataConfig(_Section):
         "(for pools too large to read twice).",
     )
     check_sample_size: int = Field(1000, ge=1, description="Unlabeled images read by `data.check_images: sample`.")
+    check_on_cluster_from: int = Field(
+        20_000, ge=0,
+        description="Unlabeled images to check from which the check is a Ray Data pass across the cluster (one CPU a "
+        "task of 256 images); fewer are read in the driver, where a pass's start-up would cost more than the reads. "
+        "0: always on the cluster.",
+    )
 
     def scale_base_size(self) -> int:
         """`base_size`, or when unset the layout's default (LiheYoung/ST-PlusPlus dataset/semi.py: 400 for

@@ -350,7 +350,7 @@ def _bad_labels(mask: np.ndarray, num_classes: int) -> list[int]:
     return [int(v) for v in values if v >= num_classes and v != IGNORE_INDEX]
 
 
-def _sample_problems(sample: Sample, num_classes: int, layout: str) -> list[str]:
+def sample_problems(sample: Sample, num_classes: int, layout: str) -> list[str]:
     """All problems of one sample, as messages naming the file."""
     try:
         image = read_image(sample.image_path)
@@ -380,13 +380,18 @@ def _sample_problems(sample: Sample, num_classes: int, layout: str) -> list[str]
     return problems
 
 
+def raise_if_check_failed(problems: Sequence[str]) -> None:
+    """One DatasetError listing every problem of a dataset check, if any."""
+    _raise_if_problems("dataset check failed", problems)
+
+
 def check_samples(samples: Iterable[Sample], num_classes: int, layout: str) -> None:
     """Fully read and validate every image and mask; raise one DatasetError listing all problems."""
     _check_layout(layout)
     problems: list[str] = []
     for sample in samples:
-        problems.extend(_sample_problems(sample, num_classes, layout))
-    _raise_if_problems("dataset check failed", problems)
+        problems.extend(sample_problems(sample, num_classes, layout))
+    raise_if_check_failed(problems)
 
 
 def sample_for_check(samples: Sequence[Sample], size: int, seed: int) -> list[Sample]:

@@ -212,3 +212,27 @@ def test_a_sampled_check_reads_the_labeled_files_and_a_seeded_share_of_the_pool(
     truncate_jpeg(root, raw)
     with pytest.raises(DatasetError, match="dataset check failed"):
         pipeline.data().run()
+
+
+def test_a_large_pool_is_checked_by_a_ray_data_pass_that_names_every_broken_file(broken_setup, ray_local, monkeypatch):
+    """`data.check_on_cluster_from`: from that many unlabeled images the check runs as Ray Data
+    tasks across the cluster, with the same one error listing every problem."""
+    from stpp_ray.cluster import check
+    from stpp_ray.config import config_from_dict
+    from stpp_ray.datasets import DatasetError
+    from stpp_ray.orchestration.pipeline import Pipeline
+
+    monkeypatch.setattr(check, "IMAGES_PER_TASK", 16)  # several tasks from the smoke pool
+    _, raw, _, _ = broken_setup
+    raw["data"].update(check_on_cluster_from=1)
+    pipeline = Pipeline(config_from_dict(raw, "test"))
+    pipeline.prepare_data()
+    result = pipeline.data().run()
+    assert result["checked_on"] == "cluster" and result["unlabeled_checked"] == len(pipeline.unlabeled) > 16
+    assert result["check_images_per_s"] > 0
+    broken = [pipeline.unlabeled[3], pipeline.unlabeled[len(pipeline.unlabeled) - 1]]  # in two tasks
+    for sample in broken:
+        sample.image_path.write_bytes(b"")
+    with pytest.raises(DatasetError, match=r"dataset check failed \(2 problem\(s\)\)") as err:
+        pipeline.data().run()
+    assert all(str(s.image_path) in str(err.value) for s in broken)

@@ -111,12 +111,23 @@ class Pipeline:
             unlabeled = self.unlabeled
             if d.check_images == "sample":
                 unlabeled = sample_for_check(self.unlabeled, d.check_sample_size, self.cfg.run.seed)
+            where = {}
             if d.check_images:
-                for samples in (self.labeled, self.val, unlabeled):
+                for samples in (self.labeled, self.val):
                     check_samples(samples, d.num_classes, d.layout)
+                if len(unlabeled) and len(unlabeled) >= d.check_on_cluster_from:
+                    from ..cluster.check import check_pool_on_cluster
+                    from ..cluster.session import init_ray
+
+                    init_ray(self.cfg)
+                    pool = unlabeled if isinstance(unlabeled, ImagePool) else ImagePool.of(unlabeled)
+                    where = check_pool_on_cluster(pool, d.layout)
+                else:
+                    check_samples(unlabeled, d.num_classes, d.layout)
+                    where = {"checked_on": "driver"}
             return {"wall_s": time.perf_counter() - start, "labeled": len(self.labeled),
                     "unlabeled": len(self.unlabeled), "val": len(self.val),
-                    "unlabeled_checked": len(unlabeled) if d.check_images else 0}
+                    "unlabeled_checked": len(unlabeled) if d.check_images else 0, **where}
 
         return Stage("check_data", fp, run)
 
