@@ -11,7 +11,8 @@ high-water mark reset once the imports are done:
   lazy reads (the shards' mask column read whole).
 - `driver`: the pipeline's per-image work without its Ray stages: the unlabeled pool
   (`ImagePool.read`), the split-overlap check, a labeling pass's input and completeness
-  check, the selection over |U| scores and the two student selection files.
+  check, the select stage (the scores read from the shards, ranked) and the two student
+  selection files.
 - `floor`: a process that imports the same modules and does nothing else (what the imports keep).
 
 The pool: |U| copies of one `MASK_SIZE` px JPEG under the VOC layout and pseudo-label shards of
@@ -98,7 +99,7 @@ def probe(kind: str, root: Path, shards: Path, n: int) -> None:
     from stpp_ray.datasets import check_disjoint
     from stpp_ray.image_pool import ImagePool
     from stpp_ray.methods.base import SUPERVISED, PseudoLabels
-    from stpp_ray.pseudo_labels import check_complete, read_table, write_selection
+    from stpp_ray.pseudo_labels import check_complete, read_table, scores, write_selection
     from stpp_ray.selection import select_reliable
     from stpp_ray.stage_setup import StageSpec, build_train_items
     from stpp_ray.training import TrainItem, TrainSet
@@ -125,8 +126,7 @@ def probe(kind: str, root: Path, shards: Path, n: int) -> None:
         check_disjoint(["l0"], pool.among(["l0", "v0"]), ["v0"])
         labeling_input = pool.subset(pool.image_ids()).table()  # a labeling pass's input
         check_complete(read_table(shards, ["image_id"]), labeling_input.column("image_id").combine_chunks(), "shards")
-        rng = np.random.default_rng(0)
-        selection = select_reliable(dict(zip(pool.image_ids(), rng.random(len(pool)).tolist())), 0.5)
+        selection = select_reliable(scores(shards, [1, 2]), 0.5)  # the select stage: K = 2 scores from the shards
         specs = [PseudoLabels(str(shards), write_selection(shards.parent / f"{shards.name}_selections", part, shards, ids), len(ids))
                  for part, ids in (("reliable", selection.reliable), ("unreliable", selection.unreliable))]
         assert sum(s.count for s in specs) == n

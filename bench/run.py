@@ -1,9 +1,10 @@
 """Run the benchmarks and write bench/out/bench.json, bench/out/bench.md, bench/out/scale.md
-(and, with --update-doc, the measured, memory and scale-model blocks of BENCHMARKS.md).
+(and, with --update-doc, the measured, memory, data-check and scale-model blocks of BENCHMARKS.md).
 
     python -m bench.run                       # everything
     python -m bench.run --sections labeling   # one section
     python -m bench.run --sections memory --update-doc BENCHMARKS.md   # peak memory against |U|
+    python -m bench.run --sections check --update-doc BENCHMARKS.md    # the data check at 200k images
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ import sys
 import time
 from pathlib import Path
 
-from . import e2e, labeling, machine, memory, scale, training, workload
+from . import data_check, e2e, labeling, machine, memory, scale, training, workload
 from .render import machine_lines, render_markdown, update_doc
 from .stats import summary
 from .training import TRAIN_SETUPS
 
-SECTIONS = ("labeling", "training", "e2e", "memory")
+SECTIONS = ("labeling", "training", "e2e", "memory", "check")
 
 
 def _say(msg: str) -> None:
@@ -106,6 +107,10 @@ def bench_memory(cfg, args, scratch: Path, cores: int) -> dict:
     return memory.run(scratch, args.memory_sizes, say=_say)
 
 
+def bench_check(cfg, args, scratch: Path, cores: int) -> dict:
+    return data_check.run(scratch, args.check_images, say=_say)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
     p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
@@ -119,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="config overrides of the end-to-end demo run (none: the full demo)")
     p.add_argument("--memory-sizes", type=int, nargs="+", default=[10_000, 50_000, 200_000],
                    help="pool sizes |U| of the memory section")
+    p.add_argument("--check-images", type=int, default=200_000, help="pool size |U| of the data-check section")
     p.add_argument("--data", type=Path, default=workload.ROOT / "data" / "demo")
     p.add_argument("--out", type=Path, default=workload.ROOT / "bench" / "out")
     p.add_argument("--update-doc", type=Path, help="rewrite the measured and scale-model blocks of this markdown file")
@@ -126,8 +132,9 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     cfg = workload.bench_config(args.data)
-    uses_ray = bool(set(args.sections) - {"memory"})  # the memory section starts its own processes, no Ray
-    if uses_ray:
+    needs_data = bool(set(args.sections) & {"labeling", "training", "e2e"})  # on the demo dataset
+    uses_ray = needs_data or "check" in args.sections  # the memory section starts its own processes, no Ray
+    if needs_data:
         workload.prepare_data(cfg)
     info = machine.describe()
     ticks = machine.cpu_times()
@@ -145,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         init_ray(cfg)
         results["ray_init_s"] = time.perf_counter() - t0
         _say(f"ray.init: {results['ray_init_s']:.1f} s")
-    runners = {"labeling": bench_labeling, "training": bench_training, "e2e": bench_e2e, "memory": bench_memory}
+    runners = {"labeling": bench_labeling, "training": bench_training, "e2e": bench_e2e, "memory": bench_memory,
+               "check": bench_check}
     for section in args.sections:
         t0 = time.perf_counter()
         results[section] = runners[section](cfg, args, scratch, cores)
@@ -156,19 +164,24 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.json").write_text(json.dumps(results, indent=1) + "\n")
-    markdown = render_markdown({k: v for k, v in results.items() if k != "memory"})
+    markdown = render_markdown({k: v for k, v in results.items() if k not in ("memory", "check")})
     (args.out / "bench.md").write_text(markdown)
     scale_markdown = scale.markdown_from(results)
     (args.out / "scale.md").write_text(scale_markdown)
     if "memory" in results:
         memory_markdown = "\n".join(machine_lines(results)) + "\n" + memory.markdown(results["memory"])
         (args.out / "memory.md").write_text(memory_markdown)
+    if "check" in results:
+        check_markdown = "\n".join(machine_lines(results)) + "\n" + data_check.markdown(results["check"])
+        (args.out / "check.md").write_text(check_markdown)
     if args.update_doc:
-        if uses_ray:
+        if needs_data:
             update_doc(args.update_doc, markdown)
             update_doc(args.update_doc, scale_markdown, block="scale")
         if "memory" in results:
             update_doc(args.update_doc, memory_markdown, block="memory")
+        if "check" in results:
+            update_doc(args.update_doc, check_markdown, block="check")
     shutil.rmtree(scratch, ignore_errors=True)
     print(markdown)
     _say(f"total {results['total_wall_s']:.0f} s; results in {args.out}")

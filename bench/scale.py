@@ -29,18 +29,19 @@ ASSUMPTIONS = {
 }
 
 # The million-image pool: the recipe above, |U| = 1M. Memory lines come from bench/memory.py (a
-# bench.json with its section, or the figures of BENCHMARKS.md measured at 383059b, below).
+# bench.json with its section, or the figures of BENCHMARKS.md measured at 5e4c949, below).
 POOL = {
     "unlabeled": 1_000_000, "gpus": (8, 32),
     "mask_png_bytes": 8_000,   # a 500x375 label map of a few ragged regions as PNG, assumed; read your first shard's
     "row_overhead_bytes": 120,  # id, K stability scores, confidence, entropy, sizes (Parquet, before compression)
     "rows_per_file": LabelConfig.model_fields["rows_per_file"].default,
+    "id_bytes": 11,  # a VOC id such as 2007_000032
     "list_page_keys": 1000, "list_page_s": 0.05,  # S3 ListObjectsV2: 1000 keys a page, ~50 ms a page, assumed
     "selection_s_per_million": 2.0,  # reading |U| x K scores from the shards and sorting them, assumed
 }
-MEASURED_MEMORY = {  # bench.run --sections memory at 383059b (BENCHMARKS.md): MiB at |U| = 10k, MiB per 100k
-    "sizes": [10_000], "peak_mib": {"worker": [793.0], "worker_eager": [800.0], "driver": [758.0]},
-    "slope_mib_per_100k": {"worker": 55.7, "worker_eager": 166.6, "driver": 94.6}, "mask_png_bytes": 155.0,
+MEASURED_MEMORY = {  # bench.run --sections memory at 5e4c949 (BENCHMARKS.md): MiB at |U| = 10k, MiB per 100k
+    "sizes": [10_000], "peak_mib": {"worker": [795.0], "worker_eager": [764.0], "driver": [777.0]},
+    "slope_mib_per_100k": {"worker": 5.1, "worker_eager": 90.1, "driver": 73.2}, "mask_png_bytes": 155.0,
 }
 
 
@@ -147,8 +148,9 @@ def render_pool(rows: list[dict], memory: dict) -> str:
     r = rows[0]
     lines += ["", f"The driver's work: listing the pool {r['driver_listing_s']:.0f} s on S3 "
               f"({p['list_page_keys']} keys a page, {p['list_page_s'] * 1000:.0f} ms a page), reading the scores and "
-              f"selecting {r['driver_selection_s']:.0f} s; it sends each student worker the pool's id -> path map "
-              "once, in its stage spec. Memory lines: peak at |U| = "
+              f"selecting {r['driver_selection_s']:.0f} s; it writes each student stage one selection file (ids and "
+              f"shard rows, {p['id_bytes'] + 12} bytes an image: {p['unlabeled'] * (p['id_bytes'] + 12) / 2**20:.0f} MiB "
+              "for student 2's pool) that each worker reads once. Memory lines: peak at |U| = "
               f"{memory['sizes'][0]:,} plus the measured slope (" + ", ".join(
                   f"{k} {v:.1f}" for k, v in memory["slope_mib_per_100k"].items() if k in ("worker", "worker_eager", "driver"))
               + " MiB per 100k images); the every-mask-held line adds the masks' bytes beyond the measured "

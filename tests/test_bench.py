@@ -111,12 +111,13 @@ def test_million_image_pool_scales_labeling_with_gpus_and_memory_along_the_measu
     assert eight["label_teacher_h"] == pytest.approx(4 * thirty_two["label_teacher_h"])
     # 1M x (K + TTA views) x 100 GFLOP on 8 GPUs at 25 TFLOP/s and 95 % efficiency
     assert eight["label_teacher_h"] == pytest.approx(1e6 * (3 + 16.125) * 100 / (25e3 * 8 * 0.95) / 3600)
-    assert eight["worker_mib"] == pytest.approx(793 + 55.7 * 9.9) == thirty_two["worker_mib"]
+    assert eight["worker_mib"] == pytest.approx(795 + 5.1 * 9.9) == thirty_two["worker_mib"]
     assert eight["worker_eager_mib"] > 5 * eight["worker_mib"]  # 8 KB masks held for a million images
     assert eight["shards"] == 3907 and eight["shards_gib"] == pytest.approx(1e6 * 8120 / 2**30)
     own = {**scale.MEASURED_MEMORY, "slope_mib_per_100k": {"worker": 1.0, "worker_eager": 1.0, "driver": 2.0}}
-    assert scale.project_pool(200.0, 100.0, own)[0]["driver_mib"] == pytest.approx(758 + 2.0 * 9.9)
-    assert "| 8 | " in scale.render_pool(rows, scale.MEASURED_MEMORY)
+    assert scale.project_pool(200.0, 100.0, own)[0]["driver_mib"] == pytest.approx(777 + 2.0 * 9.9)
+    text = scale.render_pool(rows, scale.MEASURED_MEMORY)
+    assert "| 8 | " in text and "one selection file (ids and shard rows, 23 bytes an image: 22 MiB" in text
 
 
 def test_stage_summary_splits_wall_time_into_compute_startup_and_teardown(tmp_path):
@@ -162,3 +163,13 @@ def test_scale_model_counts_the_flops_of_resnet101_deeplabv3plus():
     """`make bench` ends with this count; a training-mode forward of one image failed in BatchNorm."""
     train, infer = scale.count_flops()
     assert train == pytest.approx(223.1, abs=0.5) and infer == pytest.approx(130.9, abs=0.5)
+
+
+def test_data_check_bench_times_the_loop_and_the_ray_pass_on_one_pool(ray_local, tmp_path):
+    from bench import data_check
+
+    result = data_check.run(tmp_path, 40, say=lambda _: None)
+    assert result["images"] == 40 and result["cluster_cpus"] == 2
+    assert result["loop_s"] > 0 and result["ray_s"] > 0 and result["ray_images_per_s"] == pytest.approx(40 / result["ray_s"])
+    table = data_check.markdown({**result, "loop_s": 2.0, "ray_s": 1.0, "loop_images_per_s": 20.0, "ray_images_per_s": 40.0})
+    assert "| Ray Data pass on 2 CPUs (`cluster.check`) | 1.0 | 40 | 2.00x |" in table
