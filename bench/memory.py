@@ -9,10 +9,11 @@ high-water mark reset once the imports are done:
   and a TrainSet, then 64 items loaded.
 - `worker_eager`: every mask's PNG bytes and image path held in the items, as before the
   lazy reads (the shards' mask column read whole).
-- `driver`: the pipeline's per-image work without its Ray stages: the unlabeled pool
-  (`ImagePool.read`), the split-overlap check, a labeling pass's input and completeness
-  check, the select stage (the scores read from the shards, ranked) and the two student
-  selection files.
+- `driver`: ST++'s per-image work in the pipeline without its Ray stages: the unlabeled pool
+  (`ImagePool.read`), the split-overlap check, the teacher's labeling input and its shards'
+  completeness check, the select stage (the scores read from the shards, ranked, written as
+  `selection.json` and `selection.arrow`), student 1's labeling input (the unreliable images)
+  and the two students' selection files.
 - `floor`: a process that imports the same modules and does nothing else (what the imports keep).
 
 The pool: |U| copies of one `MASK_SIZE` px JPEG under the VOC layout and pseudo-label shards of
@@ -40,14 +41,15 @@ def _ids(n: int) -> list[str]:
     return [f"u{i:07d}" for i in range(n)]
 
 
-def make_pool(root: Path, n: int) -> None:
-    """|U| image files and the split list naming them (one JPEG's bytes, written n times)."""
+def make_pool(root: Path, n: int, size: int = MASK_SIZE) -> None:
+    """|U| image files of `size` px and the split list naming them (one JPEG's bytes, written n
+    times; files already there are kept, so give each size its own root)."""
     from PIL import Image
 
     images = root / "JPEGImages"
     images.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
-    pixels = np.random.default_rng(0).integers(0, 255, (MASK_SIZE, MASK_SIZE, 3), dtype=np.uint8)
+    pixels = np.random.default_rng(0).integers(0, 255, (size, size, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(buf, "JPEG")
     jpeg = buf.getvalue()
     for image_id in _ids(n):
@@ -97,10 +99,10 @@ def selection_file(shards: Path) -> str:
 def probe(kind: str, root: Path, shards: Path, n: int) -> None:
     """Runs in the measured process: build what `kind` holds, then print the peak RSS in MiB."""
     from stpp_ray.datasets import check_disjoint
-    from stpp_ray.image_pool import ImagePool
+    from stpp_ray.image_pool import ImagePool, distinct_sorted
     from stpp_ray.methods.base import SUPERVISED, PseudoLabels
     from stpp_ray.pseudo_labels import check_complete, read_table, scores, write_selection
-    from stpp_ray.selection import select_reliable
+    from stpp_ray.selection import read_ranking, select_reliable, write_ranking, write_selection_json
     from stpp_ray.stage_setup import StageSpec, build_train_items
     from stpp_ray.training import TrainItem, TrainSet
 
@@ -124,11 +126,18 @@ def probe(kind: str, root: Path, shards: Path, n: int) -> None:
     elif kind == "driver":  # the pipeline's per-image work, without the Ray stages themselves
         pool = ImagePool.read("voc", root, "unlabeled.txt")
         check_disjoint(["l0"], pool.among(["l0", "v0"]), ["v0"])
-        labeling_input = pool.subset(pool.image_ids()).table()  # a labeling pass's input
+        labeling_input = pool.subset(pool.ids).table()  # the teacher's labeling pass: every image
         check_complete(read_table(shards, ["image_id"]), labeling_input.column("image_id").combine_chunks(), "shards")
+        out = shards.parent / f"{shards.name}_selections"
         selection = select_reliable(scores(shards, [1, 2]), 0.5)  # the select stage: K = 2 scores from the shards
-        specs = [PseudoLabels(str(shards), write_selection(shards.parent / f"{shards.name}_selections", part, shards, ids), len(ids))
-                 for part, ids in (("reliable", selection.reliable), ("unreliable", selection.unreliable))]
+        write_selection_json(selection, out / "selection.json")
+        ranking = read_ranking(write_ranking(selection, out / "selection.arrow"))
+        student1_input = pool.subset(ranking.ids(False)).table()  # student 1's labeling pass: the unreliable images
+        assert len(student1_input) == n - selection.num_reliable
+        specs = []
+        for reliable in (True, False):  # the two students' selection files (`Pipeline.pseudo_labels`)
+            ids = ranking.ids(reliable)
+            specs.append(PseudoLabels(str(shards), write_selection(out, str(reliable), shards, ids), len(distinct_sorted(ids))))
         assert sum(s.count for s in specs) == n
     print(_peak_mib())
 

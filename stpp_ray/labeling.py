@@ -21,7 +21,7 @@ from .config import TTA_SCALES
 from .weights import load_model
 from .datasets import encode_mask_png, read_image
 from .evaluation import predict_probs
-from .stability import batched_checkpoint_ious, stability_for_checkpoints
+from .stability import batched_checkpoint_ious, stability_of_rows
 
 
 class Labeler:
@@ -82,7 +82,9 @@ class Labeler:
         else:
             ckpt_miou = [[] for _ in range(b)]
         # Every checkpoint's score, keyed by position (the epochs need not be distinct here).
-        stability = [stability_for_checkpoints(dict(enumerate(ious)), range(len(ious) + 1)) for ious in ckpt_miou]
+        earlier = len(preds) - 1
+        stability = stability_of_rows(np.asarray(ckpt_miou, np.float64).reshape(-1), np.tile(np.arange(earlier), b),
+                                      np.arange(b + 1) * earlier, range(earlier + 1)).tolist()
         confidence, label = probs.max(1)
         entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1)
         masks = label.to(torch.uint8).cpu().numpy()

@@ -127,7 +127,9 @@ def pseudo_label_grid(rows: list[dict], out_png, *, title: str = "", max_per_gro
 
 
 def _finite(scores: Sequence[float]) -> np.ndarray:
-    values = np.asarray([np.nan if s is None else s for s in scores], dtype=np.float64).ravel()
+    if not isinstance(scores, np.ndarray):
+        scores = [np.nan if s is None else s for s in scores]
+    values = np.asarray(scores, dtype=np.float64).ravel()
     return values[np.isfinite(values)]
 
 

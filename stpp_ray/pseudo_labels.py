@@ -31,9 +31,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .files import atomic_output
+from .image_pool import distinct_sorted, has_duplicates, sorted_ids
 from .storage import BucketPath, location
 from .training import TrainItem
-from .stability import stability_for_checkpoints
+from .stability import stability_of_rows
 
 SCHEMA = pa.schema([
     ("image_id", pa.string()),
@@ -130,15 +131,22 @@ class ShardIndex:
                 "group_starts": self.group_starts}
 
     def rows_of(self, image_ids: pa.Array) -> np.ndarray:
-        """The global row of each of `image_ids` (Arrow, no per-id Python object); PseudoLabelError
-        naming the images without one."""
+        """The global row of each of `image_ids` (sorted, distinct; Arrow, no per-id Python object);
+        PseudoLabelError naming the images without one."""
         ids = pa.chunked_array([_read_column(p, "image_id") for p in self.files], pa.string()).combine_chunks()
-        rows = pc.index_in(image_ids, value_set=ids)
-        if rows.null_count:
-            missing = image_ids.filter(pc.is_null(rows))
+        if len(ids) == len(image_ids):  # every row, as a rule: sorted, no hash table
+            order = pc.sort_indices(ids)
+            if ids.take(order).equals(image_ids):
+                return order.to_numpy().astype(np.int64)
+        at = pc.index_in(ids, value_set=image_ids)  # each row's place among `image_ids` (a hash of those only)
+        hit = pc.is_valid(at)
+        rows = np.full(len(image_ids), -1, np.int64)
+        rows[at.filter(hit).to_numpy()] = np.flatnonzero(hit.to_numpy(zero_copy_only=False))
+        if (rows < 0).any():
+            missing = image_ids.filter(pa.array(rows < 0))
             raise PseudoLabelError(f"{self.directory}: no pseudo-label for {len(missing)} images "
                                    f"(e.g. {missing[:3].to_pylist()})")
-        return rows.to_numpy().astype(np.int64)
+        return rows
 
     def read(self, row: int, columns: Sequence[str]) -> list:
         """The values of `columns` in global row `row` (one row group decoded)."""
@@ -184,6 +192,9 @@ def check_complete(table: pa.Table, expected_ids: Sequence[str] | pa.Array, wher
     """Every expected image exactly once, nothing else (in Arrow: no per-id Python object)."""
     ids = table.column("image_id").combine_chunks()
     expected = expected_ids if isinstance(expected_ids, pa.Array) else pa.array(list(expected_ids), pa.string())
+    ordered = sorted_ids(expected)
+    if len(ids) == len(expected) and sorted_ids(ids).equals(ordered) and not has_duplicates(ordered):
+        return  # sorted, not hashed: the hash tables below held ~10 MiB per 100k images
     counts = pc.value_counts(ids)
     dup = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
     missing = expected.filter(pc.invert(pc.is_in(expected, value_set=ids)))
@@ -206,12 +217,12 @@ def read_rows(parquet_dir: str | Path, image_ids: Sequence[str], columns: list[s
     return out
 
 
-def write_selection(directory: str | Path, name: str, parquet_dir: str | Path, image_ids: Sequence[str]) -> str:
+def write_selection(directory: str | Path, name: str, parquet_dir: str | Path, image_ids: pa.Array | Sequence[str]) -> str:
     """The pseudo-labels of `image_ids` in `parquet_dir` as one Arrow IPC file in `directory`:
     the sorted, distinct ids with their rows and the shards' index. Run on the driver, once per
     stage, so that no Train worker reads every shard's ids and footer. Named by `name` and its
     content (writing the same selection again is a no-op); returns its path."""
-    items = read_pseudo_items(parquet_dir, sorted(set(map(str, image_ids))))
+    items = read_pseudo_items(parquet_dir, image_ids)
     table = pa.table({"image_id": items.image_ids, "row": pa.array(items.rows, pa.int64())})
     table = table.replace_schema_metadata({"index": json.dumps(items.index.to_dict())})
     digest = hashlib.sha256(str(parquet_dir).encode())
@@ -240,24 +251,30 @@ def read_selection(path: str | Path, strong: bool = True) -> PseudoItems:
 def read_pseudo_items(parquet_dir: str | Path, image_ids: pa.Array | Sequence[str], strong: bool = True) -> PseudoItems:
     """Training items for the given images, sorted by id and each naming its row of the shards
     (its image path and mask are read when the item is loaded); strong augmentation on."""
-    ids = image_ids if isinstance(image_ids, pa.Array) else pa.array(image_ids, pa.string())
+    ids = image_ids if isinstance(image_ids, pa.Array) else pa.array(list(map(str, image_ids)), pa.string())
     if len(ids) > 1 and not pc.all(pc.greater(ids[1:], ids[:-1])).as_py():  # a `write_ids` file is sorted
-        ids = pc.unique(ids)
-        ids = ids.take(pc.sort_indices(ids))
+        ids = distinct_sorted(ids)
     index = ShardIndex(parquet_dir)
     return PseudoItems(index, ids, index.rows_of(ids), strong=strong)
 
 
-def scores(parquet_dir: str | Path, checkpoint_epochs: list[int]) -> dict[str, float]:
-    """Stability score per image id with the K checkpoints at `checkpoint_epochs` (final last),
-    from the stored per-checkpoint IoUs: the teacher may have saved more checkpoints than K."""
-    table = read_table(parquet_dir, ["image_id", "ckpt_miou", "ckpt_epochs"])
-    out = {}
-    for image_id, ious, epochs in zip(table.column("image_id").to_pylist(), table.column("ckpt_miou").to_pylist(),
-                                      table.column("ckpt_epochs").to_pylist()):
+def scores(parquet_dir: str | Path, checkpoint_epochs: list[int]) -> pa.Table:
+    """Stability score per image with the K checkpoints at `checkpoint_epochs` (final last), from
+    the stored per-checkpoint IoUs (the teacher may have saved more checkpoints than K): columns
+    `image_id`, `score`, computed a file at a time in numpy."""
+    parts = []
+    for path in _shard_files(parquet_dir):
+        table = _read_file(str(path), ["image_id", "ckpt_miou", "ckpt_epochs"])
+        ious, at = (table.column(c).combine_chunks() for c in ("ckpt_miou", "ckpt_epochs"))
+        offsets = ious.offsets.to_numpy()
+        if not np.array_equal(offsets, at.offsets.to_numpy()):
+            raise PseudoLabelError(f"{path}: ckpt_miou and ckpt_epochs differ in length")
         try:
-            out[image_id] = stability_for_checkpoints(dict(zip(epochs, ious)), checkpoint_epochs)
+            score = stability_of_rows(ious.values.to_numpy(zero_copy_only=False), at.values.to_numpy(zero_copy_only=False),
+                                      offsets, checkpoint_epochs)
         except KeyError as err:
-            raise PseudoLabelError(f"{parquet_dir}: image {image_id}: {err.args[0]}; the teacher's checkpoints "
-                                   f"do not cover K={len(checkpoint_epochs)}") from None
-    return out
+            image, message = err.args
+            raise PseudoLabelError(f"{parquet_dir}: image {table.column('image_id')[image]}: {message}; the "
+                                   f"teacher's checkpoints do not cover K={len(checkpoint_epochs)}") from None
+        parts.append(pa.table({"image_id": table.column("image_id"), "score": pa.array(score, pa.float64())}))
+    return pa.concat_tables(parts)

@@ -1,25 +1,51 @@
-"""ST++ reliable-image selection: keep the top-R fraction of images by stability."""
+"""ST++ reliable-image selection: keep the top-R fraction of images by stability.
+
+The ranking is held in Arrow (ids and scores, no per-image Python object) and stored beside
+`selection.json` as an IPC file (`write_ranking`), from which the later stages read their ids.
+"""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from fractions import Fraction
+from pathlib import Path
 from typing import Mapping
 
+import pyarrow as pa
+import pyarrow.compute as pc
 
-@dataclass(frozen=True)
+from .files import atomic_output
+from .storage import BucketPath, location
+
+CHUNK = 4096  # images converted to Python at a time while `selection.json` is written
+
+
+@dataclass(frozen=True, eq=False)
 class Selection:
-    reliable: list[str]
-    unreliable: list[str]
-    scores: dict[str, float]
+    """Every scored image best first (`ranked`: `image_id`, `score`); the first `num_reliable` are reliable."""
+
+    ranked: pa.Table
+    num_reliable: int
     reliable_fraction: float
 
+    def ids(self, reliable: bool) -> pa.Array:
+        column = self.ranked.column("image_id")
+        part = column.slice(0, self.num_reliable) if reliable else column.slice(self.num_reliable)
+        return part.combine_chunks()
 
-def _rank_key(item: tuple[str, float]) -> tuple[bool, float, str]:
-    image_id, score = item
-    is_nan = math.isnan(score)
-    return (is_nan, 0.0 if is_nan else -score, image_id)
+    @property
+    def reliable(self) -> list[str]:
+        return self.ids(True).to_pylist()
+
+    @property
+    def unreliable(self) -> list[str]:
+        return self.ids(False).to_pylist()
+
+    @property
+    def scores(self) -> dict[str, float]:
+        return dict(zip(self.ranked.column("image_id").to_pylist(), self.ranked.column("score").to_pylist()))
 
 
 def num_reliable(num_images: int, reliable_fraction: float) -> int:
@@ -31,38 +57,78 @@ def num_reliable(num_images: int, reliable_fraction: float) -> int:
     return math.floor(Fraction(repr(float(reliable_fraction))) * num_images)
 
 
-def select_reliable(scores: Mapping[str, float], reliable_fraction: float) -> Selection:
-    """Split images into reliable (top floor(R*|U|) by score) and unreliable.
+def _score_table(scores: Mapping[str, float]) -> pa.Table:
+    return pa.table({"image_id": pa.array([str(k) for k in scores], pa.string()),
+                     "score": pa.array([float(v) for v in scores.values()], pa.float64())})
 
-    Order: score descending, ties by image id ascending, NaN scores last (by id).
+
+def select_reliable(scores: Mapping[str, float] | pa.Table, reliable_fraction: float) -> Selection:
+    """Split images into reliable (top floor(R*|U|) by score) and unreliable; `scores` by id, or
+    a table of `image_id` and `score` (`pseudo_labels.scores`).
+
+    Order: score descending, ties by image id ascending (code points: UTF-8 bytes sort alike),
+    NaN scores last (by id).
     """
     if not 0 < reliable_fraction <= 1:  # also rejects NaN
         raise ValueError(f"reliable_fraction must be in (0, 1], got {reliable_fraction}")
-    if not scores:
+    table = scores if isinstance(scores, pa.Table) else _score_table(scores)
+    if not len(table):
         raise ValueError("no scores to select from")
-    ranked = sorted(((str(k), float(v)) for k, v in scores.items()), key=_rank_key)
-    ids = [image_id for image_id, _ in ranked]
-    cut = num_reliable(len(ids), reliable_fraction)
-    return Selection(
-        reliable=ids[:cut],
-        unreliable=ids[cut:],
-        scores=dict(ranked),
-        reliable_fraction=float(reliable_fraction),
-    )
+    table = pa.table({"image_id": table.column("image_id").cast(pa.string()),
+                      "score": pc.fill_null(table.column("score").cast(pa.float64()), math.nan)})
+    score = table.column("score")
+    nan = pc.is_nan(score)
+    keys = pa.table({"nan": nan, "order": pc.if_else(nan, 0.0, pc.negate(score)), "image_id": table.column("image_id")})
+    order = pc.sort_indices(keys, sort_keys=[("nan", "ascending"), ("order", "ascending"), ("image_id", "ascending")])
+    return Selection(table.take(order), num_reliable(len(table), reliable_fraction), float(reliable_fraction))
 
 
-def selection_to_json(sel: Selection) -> dict:
-    """JSON-safe dict; NaN scores become null."""
-    return {
-        "reliable": list(sel.reliable),
-        "unreliable": list(sel.unreliable),
-        "scores": {k: (None if math.isnan(v) else v) for k, v in sel.scores.items()},
-        "reliable_fraction": sel.reliable_fraction,
-    }
+def write_ranking(sel: Selection, path: str | Path) -> str:
+    """`sel` as one Arrow IPC file (the ranked ids and scores; the cut in its metadata)."""
+    table = sel.ranked.replace_schema_metadata(
+        {"num_reliable": str(sel.num_reliable), "reliable_fraction": repr(sel.reliable_fraction)})
+    with atomic_output(path) as f, pa.ipc.new_file(f, table.schema) as writer:
+        writer.write_table(table)
+    return str(path)
+
+
+def read_ranking(path: str | Path) -> Selection:
+    """The `Selection` of a `write_ranking` file."""
+    loc = location(path)
+    with (loc.open("rb") if isinstance(loc, BucketPath) else pa.OSFile(str(loc))) as f:
+        table = pa.ipc.open_file(f).read_all()
+    meta = table.schema.metadata
+    return Selection(table.replace_schema_metadata(None), int(meta[b"num_reliable"]), float(meta[b"reliable_fraction"]))
+
+
+def write_selection_json(sel: Selection, path: str | Path) -> None:
+    """`selection.json`: the reliable and unreliable ids, the scores by id (NaN as null) and R,
+    made `CHUNK` images at a time (the whole document as Python objects took 47 MiB per 100k images)."""
+    ids, values = sel.ranked.column("image_id"), sel.ranked.column("score")
+
+    def lines(lo: int, hi: int, with_scores: bool):
+        for start in range(lo, hi, CHUNK):
+            chunk = ids.slice(start, min(CHUNK, hi - start)).to_pylist()
+            if with_scores:
+                chunk = [f"{json.dumps(i)}: {'null' if math.isnan(v) else json.dumps(v)}"
+                         for i, v in zip(chunk, values.slice(start, len(chunk)).to_pylist())]
+            else:
+                chunk = [json.dumps(i) for i in chunk]
+            yield ("," if start > lo else "") + ",".join(f"\n    {item}" for item in chunk)
+
+    n, cut = len(sel.ranked), sel.num_reliable
+    with atomic_output(path) as f:
+        parts = (("reliable", "[]", 0, cut), ("unreliable", "[]", cut, n), ("scores", "{}", 0, n))
+        for k, (key, (opening, closing), lo, hi) in enumerate(parts):
+            f.write(f'{"," if k else "{"}\n  "{key}": {opening}'.encode())
+            for text in lines(lo, hi, key == "scores"):
+                f.write(text.encode())
+            f.write(f"\n  {closing}".encode())
+        f.write(f',\n  "reliable_fraction": {json.dumps(sel.reliable_fraction)}\n}}\n'.encode())
 
 
 def selection_from_json(d: Mapping) -> Selection:
-    """Inverse of selection_to_json; checks that the id lists partition the scores."""
+    """The `Selection` of a parsed `selection.json`; checks that the id lists partition the scores."""
     try:
         reliable, unreliable = [str(i) for i in d["reliable"]], [str(i) for i in d["unreliable"]]
         scores = {str(k): (math.nan if v is None else float(v)) for k, v in d["scores"].items()}
@@ -71,4 +137,5 @@ def selection_from_json(d: Mapping) -> Selection:
         raise ValueError(f"malformed selection JSON: {exc!r}") from exc
     if len(reliable) + len(unreliable) != len(scores) or set(reliable) | set(unreliable) != set(scores):
         raise ValueError("selection JSON: reliable + unreliable ids must partition the scored ids")
-    return Selection(reliable, unreliable, scores, fraction)
+    ranked = _score_table({i: scores[i] for i in reliable + unreliable})
+    return Selection(ranked, len(reliable), fraction)

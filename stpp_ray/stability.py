@@ -49,13 +49,36 @@ def stability_for_checkpoints(ious_by_epoch: dict[int, float], epochs: Sequence[
     """The stability score with the K checkpoints at `epochs` (the last the final one), from
     stored IoUs of earlier checkpoints vs the final one: equals `stability_score` of those K
     checkpoints' predictions, so one labeling pass over a union of checkpoints serves every K."""
+    stored = np.fromiter(ious_by_epoch.values(), np.float64, len(ious_by_epoch))
+    at = np.fromiter(ious_by_epoch.keys(), np.int64, len(ious_by_epoch))
+    try:
+        return float(stability_of_rows(stored, at, np.array([0, len(stored)]), epochs)[0])
+    except KeyError as err:
+        raise KeyError(err.args[1]) from None
+
+
+def stability_of_rows(ious: np.ndarray, at: np.ndarray, offsets: np.ndarray, epochs: Sequence[int]) -> np.ndarray:
+    """`stability_for_checkpoints` of many images at once: image i stored the IoUs
+    `ious[offsets[i]:offsets[i + 1]]` of its checkpoints at epochs `at[...]` (the same slice).
+    KeyError(image, message) for the first image without an IoU for one of `epochs`."""
     earlier = list(epochs)[:-1]
-    missing = [e for e in earlier if e not in ious_by_epoch]
-    if missing:
-        raise KeyError(f"no stored IoU for checkpoint epoch(s) {missing} (stored: {sorted(ious_by_epoch)})")
+    n = len(offsets) - 1
     if not earlier:
-        return float("nan")
-    return float(np.mean([ious_by_epoch[e] for e in earlier]))
+        return np.full(n, np.nan)
+    image = np.repeat(np.arange(n), np.diff(offsets))
+    table = np.full((n, len(earlier)), np.nan)
+    found = np.zeros((n, len(earlier)), bool)
+    for j, epoch in enumerate(earlier):
+        hit = at[offsets[0]:offsets[-1]] == epoch
+        table[image[hit], j] = ious[offsets[0]:offsets[-1]][hit]
+        found[image[hit], j] = True
+    complete = found.all(axis=1)
+    if not complete.all():
+        i = int(np.argmin(complete))
+        missing = [e for j, e in enumerate(earlier) if not found[i, j]]
+        raise KeyError(i, f"no stored IoU for checkpoint epoch(s) {missing} "
+                          f"(stored: {sorted(at[offsets[i]:offsets[i + 1]].tolist())})")
+    return table.mean(axis=1)  # per row as np.mean of its list: the same pairwise sum
 
 
 def batched_checkpoint_ious(preds: torch.Tensor, num_classes: int) -> torch.Tensor:

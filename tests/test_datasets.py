@@ -470,3 +470,33 @@ def test_the_unlabeled_pool_is_two_arrow_columns_read_in_chunks(tmp_path, monkey
     assert picked.image_ids() == ["u1", "u5"] and picked.paths.to_pylist() == [str(tmp_path / "u1.jpg"), str(tmp_path / "u5.jpg")]
     assert pool.among(["u3", "x"]) == ["u3"] and len(ImagePool.of([])) == 0
     assert pool.table().column_names == ["image_id", "image_path"]
+
+
+@pytest.mark.parametrize("lines", [
+    ["# the pool", "a", "", "  b  ", "c\r", "2007_000032"],  # comments, blanks, padding, CRLF: read in Arrow
+    ["a", "b", "a"],  # a duplicate: iter_samples names its lines
+    ["a", "JPEGImages/b.jpg SegmentationClass/b.png"],  # two columns
+    ["a", "b", "gone"],  # a missing image: iter_samples lists it
+    ["a", "sub/b"],  # a path separator
+    ["# only comments"],
+])
+def test_a_voc_pool_read_in_arrow_equals_the_sample_by_sample_reading(tmp_path, lines):
+    """`ImagePool.read` takes a plain local VOC split in Arrow and leaves every other split,
+    and every problem, to `iter_samples`: the same pool or the same error either way."""
+    from stpp_ray.datasets import iter_samples
+    from stpp_ray.image_pool import ImagePool, _plain_voc_pool
+
+    make_voc(tmp_path, ids=("a", "b", "c", "2007_000032"))
+    (tmp_path / "JPEGImages" / "sub").mkdir()
+    write_image(tmp_path / "JPEGImages" / "sub" / "b.jpg")
+    write_split(tmp_path / "u.txt", lines)
+    try:
+        expected = [(s.image_id, str(s.image_path)) for s in iter_samples("voc", tmp_path, "u.txt", with_masks=False)]
+    except DatasetError as err:
+        with pytest.raises(DatasetError, match=re.escape(str(err))):
+            ImagePool.read("voc", tmp_path, "u.txt")
+        assert _plain_voc_pool("voc", tmp_path, "u.txt") is None
+        return
+    pool = ImagePool.read("voc", tmp_path, "u.txt")
+    assert list(zip(pool.image_ids(), pool.paths.to_pylist())) == expected
+    assert (_plain_voc_pool("voc", tmp_path, "u.txt") is not None) == (lines[0] == "# the pool")

@@ -13,7 +13,7 @@ from stpp_ray.config import Config, SweepConfig, checkpoint_epochs, load_config,
 from stpp_ray.labeling import Labeler
 from stpp_ray.pseudo_labels import SCHEMA, PseudoLabelError, scores
 from stpp_ray.selection import select_reliable
-from stpp_ray.stability import batched_checkpoint_ious, stability_for_checkpoints, stability_score
+from stpp_ray.stability import batched_checkpoint_ious, stability_for_checkpoints, stability_of_rows, stability_score
 from stpp_ray.orchestration.sweep import (K_KEY, R_KEY, SweepError, best_trial, check_space, checkpoint_counts, compute_summary,
                                  grid_cells, override_args, render_markdown, touches_shared, trial_label)
 
@@ -72,12 +72,13 @@ def test_selection_from_one_union_labeling_equals_labeling_with_those_k_checkpoi
     own = [paths[e] for e in epochs]
     scratch = Labeler(own, own[-1], num_threads=1)(batch)
     expected = dict(zip(scratch["image_id"], scratch["stability"]))
-    stored = scores(shards, epochs)
+    table = scores(shards, epochs)
+    stored = dict(zip(table.column("image_id").to_pylist(), table.column("score").to_pylist()))
     assert stored.keys() == expected.keys()
     for image_id in expected:
         assert stored[image_id] == pytest.approx(expected[image_id], abs=1e-12)
     for r in (0.34, 0.5, 0.67):
-        assert select_reliable(stored, r) == select_reliable(expected, r)
+        assert select_reliable(table, r).reliable == select_reliable(expected, r).reliable
 
 
 def test_scores_name_the_missing_checkpoint(union_labeling):
@@ -332,4 +333,30 @@ def test_an_optuna_sweep_of_a_continuous_r_shares_one_teacher(ray_local, smoke_d
     selection = json.loads((tmp_path / "run" / "trials" / trial["name"] / "selection.json").read_text())
     total = len(selection["reliable"]) + len(selection["unreliable"])
     assert len(selection["reliable"]) == int(trial["params"][R_KEY] * total)
+    assert set(selection["scores"].values()) == {None}  # K = 1: no score, ranked by id
+    report = (tmp_path / "run" / "trials" / trial["name"] / "report.md").read_text()
+    assert "no reliable image has a stability score (K = 1 scores none)" in report
     assert summary["teacher_trainings"] == 1 and summary["search"] == "optuna"
+
+
+def test_stability_of_many_rows_equals_each_row_on_its_own():
+    """`stability_of_rows` (the select stage, a shard at a time) is `stability_for_checkpoints`
+    of each row, to the last bit: the ranking's ties must not move."""
+    rng = np.random.default_rng(3)
+    stored = [rng.permutation([1, 2, 4, 6, 9, 11])[: rng.integers(3, 7)] for _ in range(200)]
+    rows = [{int(e): float(v) for e, v in zip(at, rng.random(len(at)))} for at in stored]
+    offsets = np.cumsum([0] + [len(r) for r in rows])
+    ious = np.array([v for r in rows for v in r.values()])
+    at = np.array([e for r in rows for e in r])
+    for epochs in ([12], [2, 12], [1, 2, 12]):
+        covered = [i for i, r in enumerate(rows) if all(e in r for e in epochs[:-1])]
+        sub = np.cumsum([0] + [len(rows[i]) for i in covered])
+        got = stability_of_rows(np.concatenate([list(rows[i].values()) for i in covered]),
+                                np.concatenate([list(rows[i]) for i in covered]), sub, epochs)
+        want = [stability_for_checkpoints(rows[i], epochs) for i in covered]
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(KeyError) as err:
+        stability_of_rows(ious, at, offsets, [1, 2, 4, 6, 9, 11, 12])
+    image = err.value.args[0]
+    assert not all(e in rows[image] for e in (1, 2, 4, 6, 9, 11)) and all(
+        all(e in rows[i] for e in (1, 2, 4, 6, 9, 11)) for i in range(image))

@@ -11,6 +11,8 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
+import pyarrow as pa
+
 from ..losses import cross_entropy_sum
 from ..pseudo_labels import read_selection
 
@@ -41,6 +43,7 @@ class Stage:
     name: str
     fingerprint: str
     run: Callable[[], dict]
+    needs: tuple[str, ...] = ()  # result keys a recorded result must hold to be reused (older ones rerun)
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,7 @@ class StageBuilder(Protocol):
         """A Ray Train stage. `cfg`: a variant of the run's config (DMT's second model);
         `init_from`: the stage whose final weights it fine-tunes; `unlabeled`: the online stream."""
 
-    def label(self, name: str, fingerprint: str, model_stage: str, image_ids: Callable[[], list[str]],
+    def label(self, name: str, fingerprint: str, model_stage: str, image_ids: Callable[[], pa.Array | Sequence[str]],
               scoring: bool) -> Stage:
         """A Ray Data labeling pass of `model_stage`'s model over the unlabeled images `image_ids`;
         `scoring`: also score stability with its K checkpoints."""
@@ -90,14 +93,17 @@ class StageBuilder(Protocol):
     def select(self, fingerprint: str, label_stage: str) -> Stage:
         """ST++'s reliable-image selection from `label_stage`'s scores."""
 
-    def pseudo_labels(self, label_stage: str, image_ids: Sequence[str]) -> PseudoLabels:
+    def pseudo_labels(self, label_stage: str, image_ids: pa.Array | Sequence[str]) -> PseudoLabels:
         """The pseudo-labels of `image_ids` written by `label_stage` (once it has run), their
         ids written to a file that the Train workers read."""
 
     def result(self, stage: str) -> dict:
         """A finished stage's result."""
 
-    def unlabeled_ids(self) -> list[str]:
+    def selected(self, reliable: bool) -> pa.Array:
+        """The select stage's reliable (or unreliable) image ids, once it has run."""
+
+    def unlabeled_ids(self) -> pa.Array:
         """The unlabeled split's image ids."""
 
 

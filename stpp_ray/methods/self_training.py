@@ -83,8 +83,7 @@ class SelfTrainingPlusPlus(Method):
         l1_fp = derive_fingerprint(s1_fp, "label_student1")
         s2_fp = derive_fingerprint(l1_fp, "student2")
         epochs = student_epochs(cfg)
-        reliable = lambda: build.result("select")["reliable"]  # noqa: E731
-        unreliable = lambda: build.result("select")["unreliable"]  # noqa: E731
+        reliable, unreliable = (lambda: build.selected(True)), (lambda: build.selected(False))
         return teacher_stages(cfg, build) + [
             build.label("label_teacher", label_fp, "teacher", build.unlabeled_ids, scoring=True),
             build.select(select_fp, "label_teacher"),

@@ -26,7 +26,11 @@ class Manifest:
         """The recorded result of `stage` if it ran with the same fingerprint."""
         entry = self.stages.get(stage.name)
         if entry and entry.get("fingerprint") == stage.fingerprint:
-            return entry["result"]
+            if all(k in entry["result"] for k in stage.needs):
+                return entry["result"]
+            print(f"[pipeline] stage '{stage.name}' was recorded by an older stpp_ray (no "
+                  f"{', '.join(k for k in stage.needs if k not in entry['result'])}): recomputing it", flush=True)
+            return None
         if entry:
             print(f"[pipeline] config changed since stage '{stage.name}' ran "
                   f"(fingerprint {entry.get('fingerprint')} -> {stage.fingerprint}): recomputing it", flush=True)

@@ -12,16 +12,18 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+import pyarrow as pa
+
 from ..config import Config
 from ..datasets import (Sample, build_samples, check_disjoint, check_samples, read_split, resolve_path,
                         sample_for_check)
 from ..demo_data import ensure_demo_dataset
-from ..image_pool import ImagePool
-from ..files import locked, write_json_atomic
+from ..image_pool import ImagePool, distinct_sorted
+from ..files import locked
 from ..methods import get_method
 from ..methods.base import PseudoLabels, Stage, derive_fingerprint
 from ..methods.self_training import shared_fingerprint
-from ..selection import select_reliable, selection_to_json
+from ..selection import read_ranking, select_reliable, write_ranking, write_selection_json
 from ..storage import check_writable, is_uri, location, remove_tree
 from ..tracking import NullTracker, make_tracker
 from .manifest import Manifest
@@ -131,17 +133,21 @@ class Pipeline:
 
         return Stage("check_data", fp, run)
 
-    def unlabeled_ids(self) -> list[str]:
-        return self.unlabeled.image_ids()
+    def unlabeled_ids(self) -> pa.Array:
+        return self.unlabeled.ids
 
     def result(self, stage: str) -> dict:
         return self.results[stage]
 
-    def pseudo_labels(self, label_stage: str, image_ids: Sequence[str]) -> PseudoLabels:
+    def selected(self, reliable: bool) -> pa.Array:
+        return read_ranking(self.results["select"]["ranking"]).ids(reliable)
+
+    def pseudo_labels(self, label_stage: str, image_ids: pa.Array | Sequence[str]) -> PseudoLabels:
         from ..pseudo_labels import write_selection
 
-        parquet_dir, count = self.results[label_stage]["parquet_dir"], len(set(image_ids))
-        selection = write_selection(self.run_dir / "selections", label_stage, parquet_dir, image_ids) if count else ""
+        ids = image_ids if isinstance(image_ids, pa.Array) else pa.array(list(map(str, image_ids)), pa.string())
+        parquet_dir, count = self.results[label_stage]["parquet_dir"], len(distinct_sorted(ids))  # sorted: no hash set
+        selection = write_selection(self.run_dir / "selections", label_stage, parquet_dir, ids) if count else ""
         return PseudoLabels(parquet_dir, selection, count)
 
     def train(self, name: str, fingerprint: str, *, kind: str, epochs: int, checkpoint_epochs: Sequence[int],
@@ -203,11 +209,12 @@ class Pipeline:
             sel = select_reliable(scores(self.results[label_stage]["parquet_dir"], self.cfg.checkpoint_epochs()),
                                   self.cfg.selection.reliable_fraction)
             path = self.run_dir / "selection.json"
-            write_json_atomic(path, selection_to_json(sel))
-            return {"wall_s": time.perf_counter() - start, "reliable": sel.reliable, "unreliable": sel.unreliable,
-                    "path": str(path)}
+            write_selection_json(sel, path)
+            ranking = write_ranking(sel, self.run_dir / "selection.arrow")
+            return {"wall_s": time.perf_counter() - start, "reliable_images": sel.num_reliable,
+                    "unreliable_images": len(sel.ranked) - sel.num_reliable, "path": str(path), "ranking": ranking}
 
-        return Stage("select", fingerprint, run)
+        return Stage("select", fingerprint, run, needs=("ranking",))
 
     # ---- running ------------------------------------------------------------------------
     def stages(self) -> list[Stage]:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
+import numpy as np
+
 from ..config import Config
 from ..files import write_json_atomic
-from ..storage import location
 from ..methods import get_method
 
 
@@ -51,29 +51,28 @@ def _model_summary(result: dict | None) -> dict:
     return {k: result.get(k) for k in keys}
 
 
-def _selection_scores(results: dict) -> dict[str, float]:
-    """The scores the select stage ranked by (selection.json), NaN for a missing score."""
-    from ..selection import selection_from_json
+def _selection(results: dict):
+    """The select stage's ranking (`selection.arrow`): ids and scores, best first."""
+    from ..selection import read_ranking
 
-    return selection_from_json(json.loads(location(results["select"]["path"]).read_text())).scores
+    return read_ranking(results["select"]["ranking"])
 
 
 def _selection_summary(cfg: Config, results: dict, run_dir: Path) -> dict | None:
-    sel = results.get("select")
-    if not sel:
+    if not results.get("select"):
         return None
     from ..plots import score_histogram, score_histogram_counts
 
-    score_by_id = _selection_scores(results)
-    reliable = sel["reliable"]
-    threshold = min((score_by_id[i] for i in reliable), default=None)
-    values = list(score_by_id.values())
+    sel = _selection(results)
+    values = sel.ranked.column("score").to_numpy()
+    reliable = values[:sel.num_reliable]
+    threshold = float(np.nanmin(reliable)) if np.isfinite(reliable).any() else None  # the lowest reliable score
     score_histogram(values, run_dir / "stability_histogram.png", threshold=threshold,
                     title=f"Stability scores (R={cfg.selection.reliable_fraction}, K={cfg.selection.num_checkpoints})")
-    finite = [v for v in values if not math.isnan(v)]
+    finite = values[np.isfinite(values)]
     return {
-        "reliable": len(reliable), "unreliable": len(sel["unreliable"]), "threshold": threshold,
-        "score_mean": math.fsum(finite) / len(finite) if finite else None,  # fsum: independent of the order
+        "reliable": sel.num_reliable, "unreliable": len(values) - sel.num_reliable, "threshold": threshold,
+        "score_mean": math.fsum(finite) / len(finite) if len(finite) else None,  # fsum: independent of the order
         "histogram": score_histogram_counts(values),
         "picture": "stability_histogram.png",
     }
@@ -84,13 +83,15 @@ def _pseudo_label_grid(results: dict, out_png: Path) -> None:
     from ..plots import pseudo_label_grid
     from ..pseudo_labels import read_rows
 
-    score_by_id = _selection_scores(results)
-    reliable = set(results["select"]["reliable"])
-    ranked = sorted(score_by_id, key=lambda i: (-score_by_id[i], i))
-    picked = [i for i in ranked if i in reliable][:8] + [i for i in ranked if i not in reliable][-8:]
-    found = read_rows(results["label_teacher"]["parquet_dir"], picked, ["image_path", "mask_png"])
-    rows = [{"image": read_image(found[i][0]), "mask": decode_mask_png(found[i][1]), "image_id": i,
-             "score": score_by_id[i], "reliable": i in reliable} for i in picked]
+    sel = _selection(results)
+    cut = sel.num_reliable
+    picked = list(range(min(cut, 8))) + list(range(max(cut, len(sel.ranked) - 8), len(sel.ranked)))  # ranks
+    chosen = sel.ranked.take(picked)
+    found = read_rows(results["label_teacher"]["parquet_dir"], chosen.column("image_id").to_pylist(),
+                      ["image_path", "mask_png"])
+    rows = [{"image": read_image(found[i][0]), "mask": decode_mask_png(found[i][1]), "image_id": i, "score": score,
+             "reliable": rank < cut}
+            for rank, i, score in zip(picked, chosen.column("image_id").to_pylist(), chosen.column("score").to_pylist())]
     pseudo_label_grid(rows, out_png, title="Teacher pseudo-labels: most and least stable images")
 
 
@@ -176,9 +177,9 @@ def render_markdown(report: dict) -> str:
                      f"{'' if ips is None else f'{ips:.1f}'} | {'yes' if s.get('reused') else ''} |")
     sel = report.get("selection")
     if sel:
-        lines += ["", "## Selection", "",
-                  f"{sel['reliable']} reliable / {sel['unreliable']} unreliable images; "
-                  f"lowest reliable stability score {sel['threshold']:.3f}.", "",
+        lowest = ("no reliable image has a stability score (K = 1 scores none)" if sel["threshold"] is None
+                  else f"lowest reliable stability score {sel['threshold']:.3f}")
+        lines += ["", "## Selection", "", f"{sel['reliable']} reliable / {sel['unreliable']} unreliable images; {lowest}.", "",
                   f"![stability histogram]({sel['picture']})"]
     teacher_iou, final_iou = report["teacher"].get("per_class_iou"), report["final"].get("per_class_iou")
     if teacher_iou and final_iou:
