@@ -1,10 +1,11 @@
 """Run the benchmarks and write bench/out/bench.json, bench/out/bench.md, bench/out/scale.md
-(and, with --update-doc, the measured, memory, data-check and scale-model blocks of BENCHMARKS.md).
+(and, with --update-doc, the measured, memory, data-check, labeling-at-scale and scale-model blocks of BENCHMARKS.md).
 
     python -m bench.run                       # everything
     python -m bench.run --sections labeling   # one section
     python -m bench.run --sections memory --update-doc BENCHMARKS.md   # peak memory against |U|
     python -m bench.run --sections check --update-doc BENCHMARKS.md    # the data check at 200k images
+    python -m bench.run --sections label_scale --update-doc BENCHMARKS.md   # labeling 200k images
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ import sys
 import time
 from pathlib import Path
 
-from . import data_check, e2e, labeling, machine, memory, scale, training, workload
+from . import data_check, e2e, labeling, labeling_scale, machine, memory, scale, training, workload
 from .render import machine_lines, render_markdown, update_doc
 from .stats import summary
 from .training import TRAIN_SETUPS
 
-SECTIONS = ("labeling", "training", "e2e", "memory", "check")
+SECTIONS = ("labeling", "training", "e2e", "memory", "check", "label_scale")
 
 
 def _say(msg: str) -> None:
@@ -111,6 +112,12 @@ def bench_check(cfg, args, scratch: Path, cores: int) -> dict:
     return data_check.run(scratch, args.check_images, say=_say)
 
 
+def bench_label_scale(cfg, args, scratch: Path, cores: int) -> dict:
+    bare = args.label_scale_images if args.label_scale_bare is None else args.label_scale_bare
+    return labeling_scale.run(cfg, scratch, args.label_scale_images, args.label_scale_size, bare,
+                              args.label_scale_reference, cores, say=_say)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
     p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
@@ -125,6 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory-sizes", type=int, nargs="+", default=[10_000, 50_000, 200_000],
                    help="pool sizes |U| of the memory section")
     p.add_argument("--check-images", type=int, default=200_000, help="pool size |U| of the data-check section")
+    p.add_argument("--label-scale-images", type=int, default=200_000, help="pool size |U| of the labeling-at-scale section")
+    p.add_argument("--label-scale-size", type=int, default=8, help="side of its images, px")
+    p.add_argument("--label-scale-bare", type=int, default=None,
+                   help="its first images labeled by the bare loop (default: all of them)")
+    p.add_argument("--label-scale-reference", type=int, default=2_000, help="and by the reference procedure")
     p.add_argument("--data", type=Path, default=workload.ROOT / "data" / "demo")
     p.add_argument("--out", type=Path, default=workload.ROOT / "bench" / "out")
     p.add_argument("--update-doc", type=Path, help="rewrite the measured and scale-model blocks of this markdown file")
@@ -133,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     cfg = workload.bench_config(args.data)
     needs_data = bool(set(args.sections) & {"labeling", "training", "e2e"})  # on the demo dataset
-    uses_ray = needs_data or "check" in args.sections  # the memory section starts its own processes, no Ray
+    uses_ray = needs_data or bool({"check", "label_scale"} & set(args.sections))  # memory: its own processes, no Ray
     if needs_data:
         workload.prepare_data(cfg)
     info = machine.describe()
@@ -153,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         results["ray_init_s"] = time.perf_counter() - t0
         _say(f"ray.init: {results['ray_init_s']:.1f} s")
     runners = {"labeling": bench_labeling, "training": bench_training, "e2e": bench_e2e, "memory": bench_memory,
-               "check": bench_check}
+               "check": bench_check, "label_scale": bench_label_scale}
     for section in args.sections:
         t0 = time.perf_counter()
         results[section] = runners[section](cfg, args, scratch, cores)
@@ -164,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.json").write_text(json.dumps(results, indent=1) + "\n")
-    markdown = render_markdown({k: v for k, v in results.items() if k not in ("memory", "check")})
+    markdown = render_markdown({k: v for k, v in results.items() if k not in ("memory", "check", "label_scale")})
     (args.out / "bench.md").write_text(markdown)
     scale_markdown = scale.markdown_from(results)
     (args.out / "scale.md").write_text(scale_markdown)
@@ -174,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     if "check" in results:
         check_markdown = "\n".join(machine_lines(results)) + "\n" + data_check.markdown(results["check"])
         (args.out / "check.md").write_text(check_markdown)
+    if "label_scale" in results:
+        label_scale_markdown = "\n".join(machine_lines(results)) + "\n" + labeling_scale.markdown(results["label_scale"])
+        (args.out / "label_scale.md").write_text(label_scale_markdown)
     if args.update_doc:
         if needs_data:
             update_doc(args.update_doc, markdown)
@@ -182,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
             update_doc(args.update_doc, memory_markdown, block="memory")
         if "check" in results:
             update_doc(args.update_doc, check_markdown, block="check")
+        if "label_scale" in results:
+            update_doc(args.update_doc, label_scale_markdown, block="label_scale")
     shutil.rmtree(scratch, ignore_errors=True)
     print(markdown)
     _say(f"total {results['total_wall_s']:.0f} s; results in {args.out}")

@@ -173,3 +173,16 @@ def test_data_check_bench_times_the_loop_and_the_ray_pass_on_one_pool(ray_local,
     assert result["loop_s"] > 0 and result["ray_s"] > 0 and result["ray_images_per_s"] == pytest.approx(40 / result["ray_s"])
     table = data_check.markdown({**result, "loop_s": 2.0, "ray_s": 1.0, "loop_images_per_s": 20.0, "ray_images_per_s": 40.0})
     assert "| Ray Data pass on 2 CPUs (`cluster.check`) | 1.0 | 40 | 2.00x |" in table
+
+
+def test_labeling_at_scale_bench_labels_the_pool_three_ways_and_splits_the_loops_time(ray_local, tmp_path):
+    from bench import labeling_scale, workload
+
+    cfg = workload.bench_config(tmp_path / "demo", ["label.batch_size=16", "model.aspp_channels=8"])
+    m = labeling_scale.run(cfg, tmp_path, 48, 8, bare_images=32, reference_images=8, cores=2, say=lambda _: None)
+    assert (m["images"], m["bare_images"], m["reference_images"], m["checkpoints"]) == (48, 32, 8, 3)
+    assert m["shards"] >= 1 and all(v > 0 for v in m["images_per_s"].values())
+    assert set(m["breakdown_s"]) == {"decode", "forward", "png_encode", "arrow", "parquet_write"}
+    assert all(v >= 0 for v in m["breakdown_s"].values()) and m["breakdown_s"]["forward"] > 0
+    text = labeling_scale.markdown(m)
+    assert "| Ray Data pass (the product" in text and "| 48 |" in text and "| PNG encoding" in text
