@@ -76,9 +76,9 @@ class DataConfig(_Section):
     check_sample_size: int = Field(1000, ge=1, description="Unlabeled images read by `data.check_images: sample`.")
     check_on_cluster_from: int = Field(
         20_000, ge=0,
-        description="Unlabeled images to check from which the check is a Ray Data pass across the cluster (one CPU a "
-        "task of 256 images); fewer are read in the driver, where a pass's start-up would cost more than the reads. "
-        "0: always on the cluster.",
+        description="Unlabeled images to check from which the check is a Ray Data pass across the cluster (tasks of "
+        "one CPU, about four per CPU, of 256 to 8192 images); fewer are read in the driver, where a pass's start-up would "
+        "cost more than the reads. 0: always on the cluster.",
     )
 
     def scale_base_size(self) -> int:

@@ -222,17 +222,25 @@ def test_a_large_pool_is_checked_by_a_ray_data_pass_that_names_every_broken_file
     from stpp_ray.datasets import DatasetError
     from stpp_ray.orchestration.pipeline import Pipeline
 
-    monkeypatch.setattr(check, "IMAGES_PER_TASK", 16)  # several tasks from the smoke pool
+    monkeypatch.setattr(check, "MIN_IMAGES_PER_TASK", 16)  # several tasks from the smoke pool
+    monkeypatch.setattr(check, "MAX_IMAGES_PER_TASK", 16)
     _, raw, _, _ = broken_setup
     raw["data"].update(check_on_cluster_from=1)
     pipeline = Pipeline(config_from_dict(raw, "test"))
     pipeline.prepare_data()
     result = pipeline.data().run()
     assert result["checked_on"] == "cluster" and result["unlabeled_checked"] == len(pipeline.unlabeled) > 16
-    assert result["check_images_per_s"] > 0
+    assert result["check_images_per_s"] > 0 and result["check_tasks"] == -(-len(pipeline.unlabeled) // 16)
     broken = [pipeline.unlabeled[3], pipeline.unlabeled[len(pipeline.unlabeled) - 1]]  # in two tasks
     for sample in broken:
         sample.image_path.write_bytes(b"")
     with pytest.raises(DatasetError, match=r"dataset check failed \(2 problem\(s\)\)") as err:
         pipeline.data().run()
     assert all(str(s.image_path) in str(err.value) for s in broken)
+
+
+def test_a_check_task_is_about_a_quarter_of_a_cpus_share_within_bounds():
+    from stpp_ray.cluster.check import images_per_task
+
+    assert images_per_task(200_000, 2) == 8192 and images_per_task(200_000, 64) == 782
+    assert images_per_task(1_000, 2) == 256 and images_per_task(10, 0) == 256
