@@ -42,6 +42,23 @@ def write_json_atomic(path: str | Path, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, default=str))
 
 
+def write_arrow_atomic(path: str | Path, table) -> None:
+    """`table` (pyarrow) as one Arrow IPC file, written atomically."""
+    import pyarrow as pa
+
+    with atomic_output(path) as f, pa.ipc.new_file(f, table.schema) as writer:
+        writer.write_table(table)
+
+
+def read_arrow(path: str | Path):
+    """The table of an Arrow IPC file (local or in a bucket)."""
+    import pyarrow as pa
+
+    loc = location(path)
+    with (loc.open("rb") if isinstance(loc, BucketPath) else pa.OSFile(str(loc))) as f:
+        return pa.ipc.open_file(f).read_all()
+
+
 @contextmanager
 def locked(path: str | Path | None):
     """Exclusive lock on the file `path` (created if missing; no-op for None) for the block.

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .files import atomic_output
+from .files import read_arrow, write_arrow_atomic
 from .image_pool import distinct_sorted, has_duplicates, sorted_ids
 from .storage import BucketPath, location
 from .training import TrainItem
@@ -232,17 +232,14 @@ def write_selection(directory: str | Path, name: str, parquet_dir: str | Path, i
                 digest.update(buf)
     path = location(directory) / f"{name}-{digest.hexdigest()[:16]}.arrow"
     if not path.exists():
-        with atomic_output(path) as f, pa.ipc.new_file(f, table.schema) as writer:
-            writer.write_table(table)
+        write_arrow_atomic(path, table)
     return str(path)
 
 
 def read_selection(path: str | Path, strong: bool = True) -> PseudoItems:
     """The training items of a `write_selection` file. IPC, not Parquet: reading it allocates
     its two columns and little else (Parquet's decoding buffers grew with the pool)."""
-    loc = location(path)
-    with (loc.open("rb") if isinstance(loc, BucketPath) else pa.OSFile(str(loc))) as f:
-        table = pa.ipc.open_file(f).read_all()
+    table = read_arrow(path)
     index = ShardIndex(**json.loads(table.schema.metadata[b"index"]))
     rows = table.column("row").combine_chunks().to_numpy()
     return PseudoItems(index, table.column("image_id").combine_chunks(), rows, strong=strong)
@@ -252,7 +249,7 @@ def read_pseudo_items(parquet_dir: str | Path, image_ids: pa.Array | Sequence[st
     """Training items for the given images, sorted by id and each naming its row of the shards
     (its image path and mask are read when the item is loaded); strong augmentation on."""
     ids = image_ids if isinstance(image_ids, pa.Array) else pa.array(list(map(str, image_ids)), pa.string())
-    if len(ids) > 1 and not pc.all(pc.greater(ids[1:], ids[:-1])).as_py():  # a `write_ids` file is sorted
+    if len(ids) > 1 and not pc.all(pc.greater(ids[1:], ids[:-1])).as_py():  # a selection's ids come sorted
         ids = distinct_sorted(ids)
     index = ShardIndex(parquet_dir)
     return PseudoItems(index, ids, index.rows_of(ids), strong=strong)

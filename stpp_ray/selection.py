@@ -16,8 +16,7 @@ from typing import Mapping
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .files import atomic_output
-from .storage import BucketPath, location
+from .files import atomic_output, read_arrow, write_arrow_atomic
 
 CHUNK = 4096  # images converted to Python at a time while `selection.json` is written
 
@@ -87,16 +86,13 @@ def write_ranking(sel: Selection, path: str | Path) -> str:
     """`sel` as one Arrow IPC file (the ranked ids and scores; the cut in its metadata)."""
     table = sel.ranked.replace_schema_metadata(
         {"num_reliable": str(sel.num_reliable), "reliable_fraction": repr(sel.reliable_fraction)})
-    with atomic_output(path) as f, pa.ipc.new_file(f, table.schema) as writer:
-        writer.write_table(table)
+    write_arrow_atomic(path, table)
     return str(path)
 
 
 def read_ranking(path: str | Path) -> Selection:
     """The `Selection` of a `write_ranking` file."""
-    loc = location(path)
-    with (loc.open("rb") if isinstance(loc, BucketPath) else pa.OSFile(str(loc))) as f:
-        table = pa.ipc.open_file(f).read_all()
+    table = read_arrow(path)
     meta = table.schema.metadata
     return Selection(table.replace_schema_metadata(None), int(meta[b"num_reliable"]), float(meta[b"reliable_fraction"]))
 

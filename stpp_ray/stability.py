@@ -66,11 +66,12 @@ def stability_of_rows(ious: np.ndarray, at: np.ndarray, offsets: np.ndarray, epo
     if not earlier:
         return np.full(n, np.nan)
     image = np.repeat(np.arange(n), np.diff(offsets))
+    values, stored_at = ious[offsets[0]:offsets[-1]], at[offsets[0]:offsets[-1]]
     table = np.full((n, len(earlier)), np.nan)
     found = np.zeros((n, len(earlier)), bool)
     for j, epoch in enumerate(earlier):
-        hit = at[offsets[0]:offsets[-1]] == epoch
-        table[image[hit], j] = ious[offsets[0]:offsets[-1]][hit]
+        hit = stored_at == epoch
+        table[image[hit], j] = values[hit]
         found[image[hit], j] = True
     complete = found.all(axis=1)
     if not complete.all():

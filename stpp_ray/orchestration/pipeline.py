@@ -146,7 +146,8 @@ class Pipeline:
         from ..pseudo_labels import write_selection
 
         ids = image_ids if isinstance(image_ids, pa.Array) else pa.array(list(map(str, image_ids)), pa.string())
-        parquet_dir, count = self.results[label_stage]["parquet_dir"], len(distinct_sorted(ids))  # sorted: no hash set
+        ids = distinct_sorted(ids)  # sorted once here, so write_selection takes them as they are
+        parquet_dir, count = self.results[label_stage]["parquet_dir"], len(ids)
         selection = write_selection(self.run_dir / "selections", label_stage, parquet_dir, ids) if count else ""
         return PseudoLabels(parquet_dir, selection, count)
 
