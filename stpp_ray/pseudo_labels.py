@@ -32,30 +32,10 @@ import pyarrow.parquet as pq
 
 from .files import read_arrow, write_arrow_atomic
 from .image_pool import distinct_sorted, has_duplicates, sorted_ids
+from .shard_layout import ROWS_PER_GROUP, SCHEMA, SHARD_FORMAT  # noqa: F401  (re-exported)
 from .storage import BucketPath, location
 from .training import TrainItem
 from .stability import stability_of_rows
-
-SCHEMA = pa.schema([
-    ("image_id", pa.string()),
-    ("mask_png", pa.binary()),
-    ("confidence_png", pa.binary()),
-    ("stability", pa.float64()),
-    ("ckpt_miou", pa.list_(pa.float64())),
-    ("ckpt_epochs", pa.list_(pa.int32())),
-    ("confidence", pa.float64()),
-    ("entropy", pa.float64()),
-    ("height", pa.int32()),
-    ("width", pa.int32()),
-    ("image_path", pa.string()),
-])
-
-# Stage fingerprints of labeling passes chain this: shards of an older layout are relabeled, not read.
-SHARD_FORMAT = "image_path"
-
-
-# A student reading one image's pseudo-label decodes the group holding it: 16 masks, not a shard.
-ROWS_PER_GROUP = 16
 
 
 class PseudoLabelError(ValueError):

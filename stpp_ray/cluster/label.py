@@ -10,24 +10,21 @@ from __future__ import annotations
 
 import math
 import time
-import uuid
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 import ray
 import ray.data
-from ray.data import Datasink
-from ray.data.block import BlockAccessor
 
 from ..config import Config
 from ..image_pool import ImagePool
 from ..labeling import Labeler
-from ..pseudo_labels import ROWS_PER_GROUP, SCHEMA, check_complete, read_table
+from ..pseudo_labels import SCHEMA, check_complete, read_table
 from ..storage import location, publish_tree, remove_tree
+from .shard_sink import ShardSink
 
 
 class ArrowLabeler(Labeler):
@@ -35,30 +32,6 @@ class ArrowLabeler(Labeler):
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         return pa.Table.from_pydict(super().__call__(batch), schema=SCHEMA)
-
-
-class ShardSink(Datasink):
-    """Ray Data sink of the labeling pass: Parquet shards of at least `rows_per_file` rows (one
-    per write task) in row groups of `ROWS_PER_GROUP` rows, so that a student reads one image's
-    pseudo-label by decoding one small group. (`write_parquet` raises the row-group size to
-    `min_rows_per_file`.)"""
-
-    def __init__(self, directory: str, rows_per_file: int):
-        self.directory, self.rows_per_file = directory, rows_per_file
-        self.write_id = uuid.uuid4().hex[:12]  # set here: the tasks get the sink as it is now
-
-    @property
-    def min_rows_per_write(self) -> int:
-        return self.rows_per_file  # Ray Data: blocks are bundled until a task has this many rows
-
-    def write(self, blocks: Iterable, ctx) -> None:
-        tables = [t for t in (BlockAccessor.for_block(b).to_arrow() for b in blocks) if t.num_rows]
-        if not tables:
-            return
-        location(self.directory).mkdir(parents=True, exist_ok=True)
-        # Named by the task: a retried task writes over its failed attempt's file.
-        with (location(self.directory) / f"{self.write_id}_{ctx.task_idx:06d}.parquet").open("wb") as f:
-            pq.write_table(pa.concat_tables(tables), f, row_group_size=ROWS_PER_GROUP)
 
 
 def actor_pool_bounds(cfg: Config, batches: int) -> tuple[int, int]:
@@ -76,6 +49,14 @@ def actor_pool_bounds(cfg: Config, batches: int) -> tuple[int, int]:
     return lower, upper
 
 
+def batches_per_block(images: int, batch_size: int, rows_per_file: int, actors: int) -> int:
+    """Batches in each input block of the labeling pass: up to a shard's worth, but few enough
+    that every actor gets about four blocks. Each block costs the actor pool a scheduling round
+    trip: one block per batch of 64 made the pass 1.4x slower at 51,200 images (BENCHMARKS.md)."""
+    batches = math.ceil(images / batch_size)
+    return max(1, min(rows_per_file // batch_size, batches // (4 * max(actors, 1))))
+
+
 def run_labeling(cfg: Config, images: ImagePool | Sequence[tuple[str, str]], checkpoint_paths: Sequence[str],
                  label_checkpoint: str, out_dir: Path, expect_arch: dict | None = None) -> dict:
     """Label `images` (a pool, or (id, path) pairs) into `out_dir`; returns timing and counts."""
@@ -87,9 +68,10 @@ def run_labeling(cfg: Config, images: ImagePool | Sequence[tuple[str, str]], che
     if not isinstance(images, ImagePool):
         images = ImagePool(pa.array([i for i, _ in images], pa.string()), pa.array([p for _, p in images], pa.string()))
     table = images.table()
-    # Ray Data: one block per batch, sliced from the pool's columns (no per-image Python object).
-    blocks = [table.slice(lo, batch_size) for lo in range(0, len(table), batch_size)] or [table]
-    lower, upper = actor_pool_bounds(cfg, len(blocks))
+    lower, upper = actor_pool_bounds(cfg, math.ceil(len(table) / batch_size))
+    # Ray Data: blocks of whole batches sliced from the pool's columns (no per-image Python object).
+    rows = batch_size * batches_per_block(len(table), batch_size, cfg.label.rows_per_file, upper)
+    blocks = [table.slice(lo, rows) for lo in range(0, len(table), rows)] or [table]
     ds = ray.data.from_arrow(blocks)
     gpu = cfg.ray.use_gpu
     ds = ds.map_batches(  # Ray Data: an autoscaling pool of actors, each loading the checkpoints once
@@ -110,8 +92,11 @@ def run_labeling(cfg: Config, images: ImagePool | Sequence[tuple[str, str]], che
         num_gpus=cfg.label.gpus_per_actor if gpu else 0,
     )
     # Ray Data: shards in parallel. Writing takes no CPU slot: the actors hold them all, and a
-    # writer waiting for a slot would hold finished batches back until the pool shrinks.
-    ds.write_datasink(ShardSink(str(partial), cfg.label.rows_per_file), ray_remote_args={"num_cpus": 0})
+    # writer waiting for a slot would hold finished batches back until the pool shrinks. With no
+    # slot, nothing else bounds the writers: unbounded, each wave of them started new worker
+    # processes on 2 CPUs (12,800 images: 27.6 s, bounded to one writer per actor: 16.5 s).
+    ds.write_datasink(ShardSink(str(partial), cfg.label.rows_per_file), ray_remote_args={"num_cpus": 0},
+                      concurrency=upper)
     check_complete(read_table(partial, ["image_id"]), images.ids, str(partial))
     publish_tree(partial, out_dir)
     wall = time.perf_counter() - start
