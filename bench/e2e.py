@@ -49,7 +49,8 @@ def _bare_labeling(pipeline, stage: str, threads: int, scratch: Path) -> float:
         teacher = results["teacher"]
         checkpoints = teacher["checkpoints"] if pipeline.cfg.method == "stpp" else [teacher["final_checkpoint"]]
     else:  # label_student1: the unreliable images with student1's final weights
-        ids = set(results["select"]["unreliable"])
+        ids = set(pipeline.selected(reliable=False).to_pylist())
         checkpoints = [results["student1"]["final_checkpoint"]]
-    images = [(s.image_id, str(s.image_path)) for s in pipeline.unlabeled if ids is None or s.image_id in ids]
+    pool = pipeline.unlabeled
+    images = [(i, p) for i, p in zip(pool.ids.to_pylist(), pool.paths.to_pylist()) if ids is None or i in ids]
     return bare_loop(pipeline.cfg, images, checkpoints, scratch / stage, threads)

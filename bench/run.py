@@ -120,8 +120,7 @@ def bench_label_scale(cfg, args, scratch: Path, cores: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
-    # label_scale is run by name: its Ray pass takes 37 min here until its per-batch cost is found (BENCHMARKS.md).
-    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=[s for s in SECTIONS if s != "label_scale"])
+    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     p.add_argument("--runs", type=int, default=3, help="repeats of each labeling measurement (median reported)")
     p.add_argument("--images", type=int, default=480, help="unlabeled images per labeling pass")
     p.add_argument("--reference-images", type=int, default=120,

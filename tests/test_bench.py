@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from bench import labeling, render, scale
+from bench import e2e, labeling, render, scale
 from stpp_ray.config import Config
 from stpp_ray.labeling import Labeler
 from stpp_ray.pseudo_labels import read_table
@@ -48,6 +48,24 @@ def test_bare_loop_writes_every_image_once_in_the_shard_schema(checkpoints, imag
     assert seconds > 0
     assert sorted(table.column("image_id").to_pylist()) == sorted(i for i, _ in images)
     assert len(list((tmp_path / "bare").glob("*.parquet"))) == 2  # 4+4 rows, then the last 2
+
+
+def test_end_to_end_bench_relabels_the_unreliable_images_the_pipeline_chose(checkpoints, images, tmp_path,
+                                                                           monkeypatch):
+    import pyarrow as pa
+    from types import SimpleNamespace
+
+    from stpp_ray.image_pool import ImagePool
+
+    unreliable = [images[1][0], images[4][0], images[7][0]]
+    labeled: list = []
+    pipeline = SimpleNamespace(
+        cfg=Config(), unlabeled=ImagePool(pa.array([i for i, _ in images]), pa.array([p for _, p in images])),
+        results={"student1": {"final_checkpoint": checkpoints[-1]}},
+        selected=lambda reliable: pa.array([] if reliable else unreliable, pa.string()))
+    monkeypatch.setattr(e2e, "bare_loop", lambda cfg, imgs, ckpts, out, threads: labeled.append((imgs, ckpts)) or 1.5)
+    assert e2e._bare_labeling(pipeline, "label_student1", 1, tmp_path) == 1.5
+    assert labeled == [([images[1], images[4], images[7]], [checkpoints[-1]])]
 
 
 def _results(ray_rate: float, ref_rate: float, train_ratio: float, startup: float) -> dict:
