@@ -1,9 +1,9 @@
 """The labeling pass's Parquet sink, in a module that does not import torch.
 
-Ray Data's write tasks unpickle the sink, which imports its module in each worker process they
-start. Ray keeps only about one idle worker per CPU and starts new ones for the next writes, so
-a sink beside the labeler (torch, the models) cost each write task seconds of imports: about
-0.8 s per batch of 64 images at 200k images on 2 CPUs (BENCHMARKS.md).
+Ray Data's write tasks unpickle the sink, which imports its module in each worker process that
+runs one. Ray started new worker processes for the writes as the pass went on (its warning
+counted 10 on 2 CPUs), so a sink beside the labeler (torch, the models) cost seconds of imports
+again and again: about 0.8 s per batch of 64 images at 200k images on 2 CPUs (BENCHMARKS.md).
 """
 
 from __future__ import annotations
