@@ -49,7 +49,7 @@ def _bare_labeling(pipeline, stage: str, threads: int, scratch: Path) -> float:
         teacher = results["teacher"]
         checkpoints = teacher["checkpoints"] if pipeline.cfg.method == "stpp" else [teacher["final_checkpoint"]]
     else:  # label_student1: the unreliable images with student1's final weights
-        ids = set(pipeline.selected(reliable=False).to_pylist())
+        ids = set(pipeline.selected(reliable=False).column("image_id").to_pylist())
         checkpoints = [results["student1"]["final_checkpoint"]]
     pool = pipeline.unlabeled
     images = [(i, p) for i, p in zip(pool.ids.to_pylist(), pool.paths.to_pylist()) if ids is None or i in ids]

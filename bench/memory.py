@@ -10,10 +10,11 @@ high-water mark reset once the imports are done:
 - `worker_eager`: every mask's PNG bytes and image path held in the items, as before the
   lazy reads (the shards' mask column read whole).
 - `driver`: ST++'s per-image work in the pipeline without its Ray stages: the unlabeled pool
-  (`ImagePool.read`), the split-overlap check, the teacher's labeling input and its shards'
-  completeness check, the select stage (the scores read from the shards, ranked, written as
-  `selection.json` and `selection.arrow`), student 1's labeling input (the unreliable images)
-  and the two students' selection files.
+  (`ImagePool.read`), the split-overlap check, the teacher's labeling input (the pass's input
+  blocks) and its shards' completeness check, the select stage (the scores read from the
+  shards, ranked, written as `selection.json` and `selection.arrow`), student 1's labeling
+  input (the unreliable images) and student 2's two selection files (the reliable images at
+  the rows the ranking recorded; the unreliable ones, every row of student 1's shards).
 - `floor`: a process that imports the same modules and does nothing else (what the imports keep).
 
 The pool: |U| copies of one `MASK_SIZE` px JPEG under the VOC layout and pseudo-label shards of
@@ -59,9 +60,9 @@ def make_pool(root: Path, n: int, size: int = MASK_SIZE) -> None:
     (root / "unlabeled.txt").write_text("".join(f"{i}\n" for i in _ids(n)))
 
 
-def make_shards(out: Path, n: int, root: Path) -> float:
-    """Pseudo-label shards of |U| rows of the pool at `root`, and the ids file naming them all
-    (`ids_file`); returns the mean PNG bytes of a mask."""
+def make_shards(out: Path, n: int, root: Path, first: int = 0) -> float:
+    """Pseudo-label shards of the pool at `root`'s images `first` .. n - 1, and the selection
+    file naming them all (`selection_file`); returns the mean PNG bytes of a mask."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -77,8 +78,8 @@ def make_shards(out: Path, n: int, root: Path) -> float:
             mask[y:y + rng.integers(8, 40), x:x + rng.integers(8, 40)] = rng.integers(1, 21)
         masks.append(encode_mask_png(mask))
     out.mkdir(parents=True, exist_ok=True)
-    ids = _ids(n)
-    for f, lo in enumerate(range(0, n, ROWS_PER_FILE)):
+    ids = _ids(n)[first:]
+    for f, lo in enumerate(range(0, len(ids), ROWS_PER_FILE)):
         chunk = ids[lo:lo + ROWS_PER_FILE]
         k = len(chunk)
         pngs = [masks[(lo + j) % len(masks)] for j in range(k)]
@@ -89,6 +90,12 @@ def make_shards(out: Path, n: int, root: Path) -> float:
         pq.write_table(table, out / f"part_{f:06d}.parquet", row_group_size=ROWS_PER_GROUP)
     write_selection(out.parent / f"{out.name}_selection", "pool", out, ids)
     return float(np.mean([len(m) for m in masks]))
+
+
+def student1_shards(shards: Path) -> Path:
+    """Where `run` writes student 1's shards for the teacher's `shards`: the pool's second half,
+    the images a reliable fraction of 0.5 leaves unreliable (every score ties; ties go by id)."""
+    return shards.parent / f"{shards.name}_student1"
 
 
 def selection_file(shards: Path) -> str:
@@ -126,18 +133,22 @@ def probe(kind: str, root: Path, shards: Path, n: int) -> None:
     elif kind == "driver":  # the pipeline's per-image work, without the Ray stages themselves
         pool = ImagePool.read("voc", root, "unlabeled.txt")
         check_disjoint(["l0"], pool.among(["l0", "v0"]), ["v0"])
-        labeling_input = pool.subset(pool.ids).table()  # the teacher's labeling pass: every image
-        check_complete(read_table(shards, ["image_id"]), labeling_input.column("image_id").combine_chunks(), "shards")
+        labeling_input = pool.subset(pool.ids).blocks(ROWS_PER_FILE)  # the teacher's labeling pass: every image
+        check_complete(read_table(shards, ["image_id"]), pool.ids, "shards")
         out = shards.parent / f"{shards.name}_selections"
         selection = select_reliable(scores(shards, [1, 2]), 0.5)  # the select stage: K = 2 scores from the shards
         write_selection_json(selection, out / "selection.json")
         ranking = read_ranking(write_ranking(selection, out / "selection.arrow"))
-        student1_input = pool.subset(ranking.ids(False)).table()  # student 1's labeling pass: the unreliable images
-        assert len(student1_input) == n - selection.num_reliable
-        specs = []
-        for reliable in (True, False):  # the two students' selection files (`Pipeline.pseudo_labels`)
-            ids = ranking.ids(reliable)
-            specs.append(PseudoLabels(str(shards), write_selection(out, str(reliable), shards, ids), len(distinct_sorted(ids))))
+        unreliable = ranking.ids(False)
+        student1_input = pool.subset(unreliable).blocks(ROWS_PER_FILE)  # student 1's labeling pass
+        assert sum(map(len, student1_input)) == n - selection.num_reliable
+        # The students' selection files (`Pipeline.pseudo_labels`): the reliable images' rows as
+        # the ranking recorded them; student 1's shards hold exactly the unreliable images.
+        reliable = ranking.part(True)
+        specs = [PseudoLabels(str(shards), write_selection(out, "reliable", shards, reliable.column("image_id").combine_chunks(),
+                                                           reliable.column("row").to_numpy()), len(reliable))]
+        ids = distinct_sorted(unreliable)
+        specs.append(PseudoLabels(str(student1_shards(shards)), write_selection(out, "unreliable", student1_shards(shards), ids), len(ids)))
         assert sum(s.count for s in specs) == n
     print(_peak_mib())
 
@@ -184,6 +195,7 @@ def run(scratch: Path, sizes: list[int], say=print) -> dict:
         shards = scratch / f"memory_shards_{n}"
         (root / "unlabeled.txt").write_text("".join(f"{i}\n" for i in _ids(n)))
         out["mask_png_bytes"] = make_shards(shards, n, root)
+        make_shards(student1_shards(shards), n, root, first=n // 2)
         for kind in PROBES:
             out["peak_mib"][kind].append(_measure(kind, root, shards, n))
         say(f"memory at |U| = {n}: " + ", ".join(f"{k} {v[-1]:.0f} MiB" for k, v in out["peak_mib"].items()))

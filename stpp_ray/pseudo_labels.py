@@ -110,10 +110,17 @@ class ShardIndex:
         return {"parquet_dir": self.directory, "files": self.files, "file_starts": self.file_starts,
                 "group_starts": self.group_starts}
 
-    def rows_of(self, image_ids: pa.Array) -> np.ndarray:
+    def rows_of(self, image_ids: pa.Array, rows: np.ndarray | None = None) -> np.ndarray:
         """The global row of each of `image_ids` (sorted, distinct; Arrow, no per-id Python object);
-        PseudoLabelError naming the images without one."""
+        PseudoLabelError naming the images without one. `rows`: the rows as the select stage
+        recorded them, checked against the shards instead of looked up."""
         ids = pa.chunked_array([_read_column(p, "image_id") for p in self.files], pa.string()).combine_chunks()
+        if rows is not None:  # no lookup: a take and a comparison
+            if len(rows) == len(image_ids) and (not len(rows) or 0 <= rows.min() and rows.max() < len(ids)) \
+                    and ids.take(pa.array(rows)).equals(image_ids):
+                return rows
+            raise PseudoLabelError(f"{self.directory}: the recorded rows of {len(image_ids)} images are not theirs "
+                                   "in these shards (labeled again since the selection?)")
         if len(ids) == len(image_ids):  # every row, as a rule: sorted, no hash table
             order = pc.sort_indices(ids)
             if ids.take(order).equals(image_ids):
@@ -197,12 +204,14 @@ def read_rows(parquet_dir: str | Path, image_ids: Sequence[str], columns: list[s
     return out
 
 
-def write_selection(directory: str | Path, name: str, parquet_dir: str | Path, image_ids: pa.Array | Sequence[str]) -> str:
+def write_selection(directory: str | Path, name: str, parquet_dir: str | Path, image_ids: pa.Array | Sequence[str],
+                    rows: np.ndarray | None = None) -> str:
     """The pseudo-labels of `image_ids` in `parquet_dir` as one Arrow IPC file in `directory`:
     the sorted, distinct ids with their rows and the shards' index. Run on the driver, once per
     stage, so that no Train worker reads every shard's ids and footer. Named by `name` and its
-    content (writing the same selection again is a no-op); returns its path."""
-    items = read_pseudo_items(parquet_dir, image_ids)
+    content (writing the same selection again is a no-op); returns its path. `rows`: the ids'
+    rows as the select stage recorded them (`ShardIndex.rows_of`), the ids then distinct."""
+    items = read_pseudo_items(parquet_dir, image_ids, rows=rows)
     table = pa.table({"image_id": items.image_ids, "row": pa.array(items.rows, pa.int64())})
     table = table.replace_schema_metadata({"index": json.dumps(items.index.to_dict())})
     digest = hashlib.sha256(str(parquet_dir).encode())
@@ -225,21 +234,27 @@ def read_selection(path: str | Path, strong: bool = True) -> PseudoItems:
     return PseudoItems(index, table.column("image_id").combine_chunks(), rows, strong=strong)
 
 
-def read_pseudo_items(parquet_dir: str | Path, image_ids: pa.Array | Sequence[str], strong: bool = True) -> PseudoItems:
+def read_pseudo_items(parquet_dir: str | Path, image_ids: pa.Array | Sequence[str], strong: bool = True,
+                      rows: np.ndarray | None = None) -> PseudoItems:
     """Training items for the given images, sorted by id and each naming its row of the shards
     (its image path and mask are read when the item is loaded); strong augmentation on."""
     ids = image_ids if isinstance(image_ids, pa.Array) else pa.array(list(map(str, image_ids)), pa.string())
     if len(ids) > 1 and not pc.all(pc.greater(ids[1:], ids[:-1])).as_py():  # a selection's ids come sorted
-        ids = distinct_sorted(ids)
+        if rows is None:
+            ids = distinct_sorted(ids)
+        else:  # the select stage's ids, distinct: their rows move with them
+            order = pc.sort_indices(ids)
+            ids, rows = ids.take(order), np.asarray(rows)[order.to_numpy()]
     index = ShardIndex(parquet_dir)
-    return PseudoItems(index, ids, index.rows_of(ids), strong=strong)
+    return PseudoItems(index, ids, index.rows_of(ids, rows), strong=strong)
 
 
 def scores(parquet_dir: str | Path, checkpoint_epochs: list[int]) -> pa.Table:
     """Stability score per image with the K checkpoints at `checkpoint_epochs` (final last), from
     the stored per-checkpoint IoUs (the teacher may have saved more checkpoints than K): columns
-    `image_id`, `score`, computed a file at a time in numpy."""
-    parts = []
+    `image_id`, `score` and `row` (the image's row across the shards, as `ShardIndex` numbers
+    them), computed a file at a time in numpy."""
+    parts, first = [], 0
     for path in _shard_files(parquet_dir):
         table = _read_file(str(path), ["image_id", "ckpt_miou", "ckpt_epochs"])
         ious, at = (table.column(c).combine_chunks() for c in ("ckpt_miou", "ckpt_epochs"))
@@ -253,5 +268,7 @@ def scores(parquet_dir: str | Path, checkpoint_epochs: list[int]) -> pa.Table:
             image, message = err.args
             raise PseudoLabelError(f"{parquet_dir}: image {table.column('image_id')[image]}: {message}; the "
                                    f"teacher's checkpoints do not cover K={len(checkpoint_epochs)}") from None
-        parts.append(pa.table({"image_id": table.column("image_id"), "score": pa.array(score, pa.float64())}))
+        parts.append(pa.table({"image_id": table.column("image_id"), "score": pa.array(score, pa.float64()),
+                               "row": pa.array(np.arange(first, first + len(table)), pa.int64())}))
+        first += len(table)
     return pa.concat_tables(parts)

@@ -23,16 +23,21 @@ CHUNK = 4096  # images converted to Python at a time while `selection.json` is w
 
 @dataclass(frozen=True, eq=False)
 class Selection:
-    """Every scored image best first (`ranked`: `image_id`, `score`); the first `num_reliable` are reliable."""
+    """Every scored image best first (`ranked`: `image_id`, `score` and, scored from shards, each
+    image's `row` in them); the first `num_reliable` are reliable."""
 
     ranked: pa.Table
     num_reliable: int
     reliable_fraction: float
 
+    def part(self, reliable: bool) -> pa.Table:
+        """The reliable (or unreliable) images: `image_id` and, where known, `row`."""
+        table = self.ranked.select([c for c in ("image_id", "row") if c in self.ranked.column_names])
+        table = table.slice(0, self.num_reliable) if reliable else table.slice(self.num_reliable)
+        return table.combine_chunks()
+
     def ids(self, reliable: bool) -> pa.Array:
-        column = self.ranked.column("image_id")
-        part = column.slice(0, self.num_reliable) if reliable else column.slice(self.num_reliable)
-        return part.combine_chunks()
+        return self.part(reliable).column("image_id").combine_chunks()
 
     @property
     def reliable(self) -> list[str]:
@@ -63,7 +68,7 @@ def _score_table(scores: Mapping[str, float]) -> pa.Table:
 
 def select_reliable(scores: Mapping[str, float] | pa.Table, reliable_fraction: float) -> Selection:
     """Split images into reliable (top floor(R*|U|) by score) and unreliable; `scores` by id, or
-    a table of `image_id` and `score` (`pseudo_labels.scores`).
+    a table of `image_id`, `score` and optionally `row` (`pseudo_labels.scores`), kept alongside.
 
     Order: score descending, ties by image id ascending (code points: UTF-8 bytes sort alike),
     NaN scores last (by id).
@@ -73,8 +78,11 @@ def select_reliable(scores: Mapping[str, float] | pa.Table, reliable_fraction: f
     table = scores if isinstance(scores, pa.Table) else _score_table(scores)
     if not len(table):
         raise ValueError("no scores to select from")
-    table = pa.table({"image_id": table.column("image_id").cast(pa.string()),
-                      "score": pc.fill_null(table.column("score").cast(pa.float64()), math.nan)})
+    columns = {"image_id": table.column("image_id").cast(pa.string()),
+               "score": pc.fill_null(table.column("score").cast(pa.float64()), math.nan)}
+    if "row" in table.column_names:
+        columns["row"] = table.column("row").cast(pa.int64())
+    table = pa.table(columns)
     score = table.column("score")
     nan = pc.is_nan(score)
     keys = pa.table({"nan": nan, "order": pc.if_else(nan, 0.0, pc.negate(score)), "image_id": table.column("image_id")})
@@ -83,7 +91,7 @@ def select_reliable(scores: Mapping[str, float] | pa.Table, reliable_fraction: f
 
 
 def write_ranking(sel: Selection, path: str | Path) -> str:
-    """`sel` as one Arrow IPC file (the ranked ids and scores; the cut in its metadata)."""
+    """`sel` as one Arrow IPC file (the ranked ids, scores and rows; the cut in its metadata)."""
     table = sel.ranked.replace_schema_metadata(
         {"num_reliable": str(sel.num_reliable), "reliable_fraction": repr(sel.reliable_fraction)})
     write_arrow_atomic(path, table)

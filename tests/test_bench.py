@@ -62,7 +62,7 @@ def test_end_to_end_bench_relabels_the_unreliable_images_the_pipeline_chose(chec
     pipeline = SimpleNamespace(
         cfg=Config(), unlabeled=ImagePool(pa.array([i for i, _ in images]), pa.array([p for _, p in images])),
         results={"student1": {"final_checkpoint": checkpoints[-1]}},
-        selected=lambda reliable: pa.array([] if reliable else unreliable, pa.string()))
+        selected=lambda reliable: pa.table({"image_id": pa.array([] if reliable else unreliable, pa.string())}))
     monkeypatch.setattr(e2e, "bare_loop", lambda cfg, imgs, ckpts, out, threads: labeled.append((imgs, ckpts)) or 1.5)
     assert e2e._bare_labeling(pipeline, "label_student1", 1, tmp_path) == 1.5
     assert labeled == [([images[1], images[4], images[7]], [checkpoints[-1]])]

@@ -480,11 +480,15 @@ def test_the_unlabeled_pool_is_two_arrow_columns_read_in_chunks(tmp_path, monkey
     ["a", "sub/b"],  # a path separator
     ["# only comments"],
 ])
-def test_a_voc_pool_read_in_arrow_equals_the_sample_by_sample_reading(tmp_path, lines):
+@pytest.mark.parametrize("text_block", [3, 1 << 16])  # lines across blocks; the whole file in one
+def test_a_voc_pool_read_in_arrow_equals_the_sample_by_sample_reading(tmp_path, lines, text_block, monkeypatch):
     """`ImagePool.read` takes a plain local VOC split in Arrow and leaves every other split,
     and every problem, to `iter_samples`: the same pool or the same error either way."""
+    from stpp_ray import image_pool
     from stpp_ray.datasets import iter_samples
     from stpp_ray.image_pool import ImagePool, _plain_voc_pool
+
+    monkeypatch.setattr(image_pool, "TEXT_BLOCK", text_block)
 
     make_voc(tmp_path, ids=("a", "b", "c", "2007_000032"))
     (tmp_path / "JPEGImages" / "sub").mkdir()
@@ -499,4 +503,6 @@ def test_a_voc_pool_read_in_arrow_equals_the_sample_by_sample_reading(tmp_path, 
         return
     pool = ImagePool.read("voc", tmp_path, "u.txt")
     assert list(zip(pool.image_ids(), pool.paths.to_pylist())) == expected
+    assert [(s.image_id, str(s.image_path)) for s in pool] == expected  # paths derived one by one, too
     assert (_plain_voc_pool("voc", tmp_path, "u.txt") is not None) == (lines[0] == "# the pool")
+    assert (pool.template is not None) == (lines[0] == "# the pool")

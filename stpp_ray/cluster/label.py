@@ -20,7 +20,7 @@ import ray
 import ray.data
 
 from ..config import Config
-from ..image_pool import ImagePool
+from ..image_pool import ImagePool, template_paths
 from ..labeling import Labeler
 from ..pseudo_labels import SCHEMA, check_complete, read_table
 from ..storage import location, publish_tree, remove_tree
@@ -28,9 +28,17 @@ from .shard_sink import ShardSink
 
 
 class ArrowLabeler(Labeler):
-    """The `Labeler` returning Arrow tables with the fixed shard schema."""
+    """The `Labeler` returning Arrow tables with the fixed shard schema; a batch without paths
+    has them derived from `path_template` (`ImagePool.blocks`)."""
+
+    def __init__(self, *args, path_template: tuple[str, str] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.path_template = path_template
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        if "image_path" not in batch:
+            paths = template_paths(pa.array(batch["image_id"], pa.string()), self.path_template)
+            batch = {**batch, "image_path": paths.to_numpy(zero_copy_only=False)}
         return pa.Table.from_pydict(super().__call__(batch), schema=SCHEMA)
 
 
@@ -67,12 +75,10 @@ def run_labeling(cfg: Config, images: ImagePool | Sequence[tuple[str, str]], che
     start = time.perf_counter()
     if not isinstance(images, ImagePool):
         images = ImagePool(pa.array([i for i, _ in images], pa.string()), pa.array([p for _, p in images], pa.string()))
-    table = images.table()
-    lower, upper = actor_pool_bounds(cfg, math.ceil(len(table) / batch_size))
+    lower, upper = actor_pool_bounds(cfg, math.ceil(len(images) / batch_size))
     # Ray Data: blocks of whole batches sliced from the pool's columns (no per-image Python object).
-    rows = batch_size * batches_per_block(len(table), batch_size, cfg.label.rows_per_file, upper)
-    blocks = [table.slice(lo, rows) for lo in range(0, len(table), rows)] or [table]
-    ds = ray.data.from_arrow(blocks)
+    rows = batch_size * batches_per_block(len(images), batch_size, cfg.label.rows_per_file, upper)
+    ds = ray.data.from_arrow(images.blocks(rows))
     gpu = cfg.ray.use_gpu
     ds = ds.map_batches(  # Ray Data: an autoscaling pool of actors, each loading the checkpoints once
         ArrowLabeler,
@@ -84,6 +90,7 @@ def run_labeling(cfg: Config, images: ImagePool | Sequence[tuple[str, str]], che
             "device": "cuda" if gpu else "cpu",
             "num_threads": 0 if gpu else max(1, round(cfg.label.cpus_per_actor)),
             "expect_arch": expect_arch,
+            "path_template": images.template,
         },
         batch_size=batch_size,
         batch_format="numpy",

@@ -85,23 +85,25 @@ class StageBuilder(Protocol):
         """A Ray Train stage. `cfg`: a variant of the run's config (DMT's second model);
         `init_from`: the stage whose final weights it fine-tunes; `unlabeled`: the online stream."""
 
-    def label(self, name: str, fingerprint: str, model_stage: str, image_ids: Callable[[], pa.Array | Sequence[str]],
-              scoring: bool) -> Stage:
-        """A Ray Data labeling pass of `model_stage`'s model over the unlabeled images `image_ids`;
-        `scoring`: also score stability with its K checkpoints."""
+    def label(self, name: str, fingerprint: str, model_stage: str,
+              image_ids: Callable[[], pa.Table | pa.Array | Sequence[str]], scoring: bool) -> Stage:
+        """A Ray Data labeling pass of `model_stage`'s model over the unlabeled images `image_ids`
+        (ids, or a table of `selected`); `scoring`: also score stability with its K checkpoints."""
 
     def select(self, fingerprint: str, label_stage: str) -> Stage:
         """ST++'s reliable-image selection from `label_stage`'s scores."""
 
-    def pseudo_labels(self, label_stage: str, image_ids: pa.Array | Sequence[str]) -> PseudoLabels:
-        """The pseudo-labels of `image_ids` written by `label_stage` (once it has run), their
-        ids written to a file that the Train workers read."""
+    def pseudo_labels(self, label_stage: str, images: pa.Table | pa.Array | Sequence[str]) -> PseudoLabels:
+        """The pseudo-labels of `images` (ids, or a table of `selected`) written by `label_stage`
+        (once it has run), their ids written to a file that the Train workers read."""
 
     def result(self, stage: str) -> dict:
         """A finished stage's result."""
 
-    def selected(self, reliable: bool) -> pa.Array:
-        """The select stage's reliable (or unreliable) image ids, once it has run."""
+    def selected(self, reliable: bool) -> pa.Table:
+        """The select stage's reliable (or unreliable) images, once it has run: `image_id` and
+        `row`, each image's row in the shards the select stage scored (`pseudo_labels` uses
+        them for those shards only)."""
 
     def unlabeled_ids(self) -> pa.Array:
         """The unlabeled split's image ids."""

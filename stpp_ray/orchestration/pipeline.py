@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import pyarrow as pa
 
 from ..config import Config
@@ -139,16 +140,19 @@ class Pipeline:
     def result(self, stage: str) -> dict:
         return self.results[stage]
 
-    def selected(self, reliable: bool) -> pa.Array:
-        return read_ranking(self.results["select"]["ranking"]).ids(reliable)
+    def selected(self, reliable: bool) -> pa.Table:
+        return read_ranking(self.results["select"]["ranking"]).part(reliable)
 
-    def pseudo_labels(self, label_stage: str, image_ids: pa.Array | Sequence[str]) -> PseudoLabels:
+    def pseudo_labels(self, label_stage: str, images: pa.Table | pa.Array | Sequence[str]) -> PseudoLabels:
         from ..pseudo_labels import write_selection
 
-        ids = image_ids if isinstance(image_ids, pa.Array) else pa.array(list(map(str, image_ids)), pa.string())
-        ids = distinct_sorted(ids)  # sorted once here, so write_selection takes them as they are
+        ids, rows = _ids_and_rows(images)
+        if self.results.get("select", {}).get("scored") != label_stage:
+            rows = None  # the rows the select stage recorded are those of the shards it scored
+        if rows is None:
+            ids = distinct_sorted(ids)  # sorted once here, so write_selection takes them as they are
         parquet_dir, count = self.results[label_stage]["parquet_dir"], len(ids)
-        selection = write_selection(self.run_dir / "selections", label_stage, parquet_dir, ids) if count else ""
+        selection = write_selection(self.run_dir / "selections", label_stage, parquet_dir, ids, rows) if count else ""
         return PseudoLabels(parquet_dir, selection, count)
 
     def train(self, name: str, fingerprint: str, *, kind: str, epochs: int, checkpoint_epochs: Sequence[int],
@@ -173,8 +177,8 @@ class Pipeline:
 
         return Stage(name, fingerprint, run)
 
-    def label(self, name: str, fingerprint: str, model_stage: str, image_ids: Callable[[], list[str]],
-              scoring: bool) -> Stage:
+    def label(self, name: str, fingerprint: str, model_stage: str,
+              image_ids: Callable[[], pa.Table | pa.Array | Sequence[str]], scoring: bool) -> Stage:
         from ..cluster.label import run_labeling
         from ..weights import architecture
 
@@ -186,7 +190,7 @@ class Pipeline:
                 # The last scoring checkpoint is the final epoch's weights, saved twice: naming
                 # it lets the Labeler reuse its forward pass for the pseudo-labels.
                 label_ckpt = ckpts[-1]
-            images = self.unlabeled.subset(image_ids())
+            images = self.unlabeled.subset(_ids_and_rows(image_ids())[0])
             out = self.home(name) / "pseudo_labels" / name.removeprefix("label_")
             if not len(images):  # e.g. R = 1 leaves no unreliable image for student1 to label
                 print(f"[{name}] no images to label", flush=True)
@@ -213,7 +217,8 @@ class Pipeline:
             write_selection_json(sel, path)
             ranking = write_ranking(sel, self.run_dir / "selection.arrow")
             return {"wall_s": time.perf_counter() - start, "reliable_images": sel.num_reliable,
-                    "unreliable_images": len(sel.ranked) - sel.num_reliable, "path": str(path), "ranking": ranking}
+                    "unreliable_images": len(sel.ranked) - sel.num_reliable, "path": str(path), "ranking": ranking,
+                    "scored": label_stage}
 
         return Stage("select", fingerprint, run, needs=("ranking",))
 
@@ -291,6 +296,14 @@ class Pipeline:
         timeline.append({"name": stage.name, "reused": False, **_brief(result)})
         if report:
             write_report(self.cfg, self.run_dir, self.results, timeline, partial=True)
+
+
+def _ids_and_rows(images: pa.Table | pa.Array | Sequence[str]) -> tuple[pa.Array, np.ndarray | None]:
+    """Image ids (Arrow) and, from a table of the select stage (`Selection.part`), their rows."""
+    if isinstance(images, pa.Table):
+        rows = images.column("row").to_numpy() if "row" in images.column_names else None
+        return images.column("image_id").combine_chunks(), rows
+    return (images if isinstance(images, pa.Array) else pa.array(list(map(str, images)), pa.string())), None
 
 
 def _fresh_stage_dir(stage_dir: Path, fingerprint: str) -> Path:
