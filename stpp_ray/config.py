@@ -182,7 +182,7 @@ class LabelConfig(_Section):
     max_actors: int = Field(0, ge=0, description="Maximum size of the labeling actor pool (0 = as many as the cluster's CPUs/GPUs allow).")
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs per labeling actor (its torch threads) on CPU clusters.")
     gpus_per_actor: float = Field(1.0, ge=0, description="GPUs per labeling actor when `ray.use_gpu`.")
-    rows_per_file: int = Field(256, ge=1, description="Target rows per Parquet shard.")
+    rows_per_file: int = Field(256, ge=1, description="Target rows per Parquet shard (also the most rows of a labeling input block).")
 
 
 class EvalConfig(_Section):
