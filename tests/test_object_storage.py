@@ -108,7 +108,8 @@ def test_shards_and_a_dataset_in_a_bucket_are_read_with_one_listing(s3_store, sm
     with shards.fs.open_output_stream((shards / "part-0.parquet").fs_path) as f:
         pq.write_table(pa.Table.from_pydict(rows, schema=SCHEMA), f)
     assert sorted(read_table(shards, ["image_id"]).column("image_id").to_pylist()) == ["im0", "im1", "im2"]
-    assert scores(shards, [1, 2]).to_pydict() == {"image_id": ["im0", "im1", "im2"], "score": pytest.approx([0.5, 0.6, 0.7])}
+    assert scores(shards, [1, 2]).to_pydict() == {"image_id": ["im0", "im1", "im2"], "score": pytest.approx([0.5, 0.6, 0.7]),
+                                                  "row": [0, 1, 2]}
 
     root = bucket(s3_store, "datasets", "smoke")
     upload(smoke_data, root)
