@@ -208,6 +208,10 @@ class SemiConfig(_Section):
         0, ge=0, description="Online methods (mean_teacher, u2pl, unimatch): epochs, each one pass over the unlabeled set "
         "(the labeled set cycles alongside); 0 = `train.student_epochs`, or `train.epochs` when that is 0.",
     )
+    mean_teacher_epochs: int = Field(
+        0, ge=0, description="Mean Teacher: its own `semi.epochs` (0 = `semi.epochs`), for a budget that should not move "
+        "U2PL's and UniMatch's.",
+    )
     unlabeled_batch_size: int = Field(
         0, ge=0, description="Online methods: global unlabeled batch per step (0 = `train.batch_size`, as UniMatch's equal batches).",
     )

@@ -69,3 +69,19 @@ def test_a_new_method_is_one_registry_line(monkeypatch):
     assert _compare_lists(build_parser().parse_args(["compare", "-c", "x.yaml", "--methods", "toy", "stpp"]))[1] == ("toy", "stpp")
     rows = [{"seed": s, "method": "toy", "miou": 0.5, "wall_s": 1.0} for s in (0, 1)]
     assert summarize(rows)[0]["label"] == "SupOnly, twice the epochs"
+
+
+def test_mean_teachers_own_epochs_move_its_stage_only():
+    """`semi.mean_teacher_epochs` sets Mean Teacher's online epochs and fingerprint; U2PL's
+    and UniMatch's stages keep `semi.epochs`."""
+    def online(name, *overrides):
+        built = RecordingBuilder()
+        stages = {s.name: s for s in methods.get_method(name).stages(load_config(None, [f"method={name}", "semi.epochs=14", *overrides]), built)}
+        return built.trained["online"]["epochs"], stages["online"].fingerprint
+
+    assert online("mean_teacher")[0] == 14
+    assert online("mean_teacher", "semi.mean_teacher_epochs=28")[0] == 28
+    assert online("mean_teacher", "semi.mean_teacher_epochs=28")[1] != online("mean_teacher")[1]
+    for other in ("u2pl", "unimatch"):
+        assert online(other, "semi.mean_teacher_epochs=28") == online(other)
+        assert online(other)[0] == 14

@@ -13,7 +13,7 @@ import torch
 
 from ..augment import normalize
 from ..datasets import IGNORE_INDEX
-from .online import LossTerm, OnlineMethod, StepContext, ce_term, teacher_logits
+from .online import LossTerm, OnlineMethod, StepContext, ce_term, online_epochs, teacher_logits
 
 
 def sigmoid_rampup(step: float, length: float) -> float:
@@ -43,7 +43,11 @@ class MeanTeacher(OnlineMethod):
     ema: bool = True
     strong_cutout: bool = True
     first_ema_step: int = 1  # update_ema_variables after global_step += 1: alpha = 0.5 first
-    config_keys: tuple[str, ...] = ("semi.mean_teacher_ema_decay", "semi.consistency_weight", "semi.rampup_fraction")
+    config_keys: tuple[str, ...] = ("semi.mean_teacher_epochs", "semi.mean_teacher_ema_decay", "semi.consistency_weight",
+                                    "semi.rampup_fraction")
+
+    def epochs(self, cfg) -> int:
+        return cfg.semi.mean_teacher_epochs or online_epochs(cfg)
 
     def teacher_decay(self, semi) -> float:
         return semi.mean_teacher_ema_decay

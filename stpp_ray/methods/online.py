@@ -52,9 +52,13 @@ class OnlineMethod(Method):
 
     def stages(self, cfg, build: StageBuilder) -> list[Stage]:
         fp = derive_fingerprint(cfg.fingerprint(*TEACHER_KEYS, *ONLINE_KEYS, *self.config_keys, "method"), "online")
-        epochs = online_epochs(cfg)
+        epochs = self.epochs(cfg)
         return [build.data(), build.train("online", fp, kind=ONLINE, epochs=epochs, checkpoint_epochs=[epochs],
                                           unlabeled=True)]
+
+    def epochs(self, cfg) -> int:
+        """Epochs of this method's online stage."""
+        return online_epochs(cfg)
 
     def final_stage(self, cfg) -> str:
         return "online"
