@@ -13,7 +13,7 @@ import torch
 
 from ..augment import normalize
 from ..datasets import IGNORE_INDEX
-from .online import LossTerm, OnlineMethod, StepContext, ce_term, online_epochs, teacher_logits
+from .online import LossTerm, OnlineMethod, StepContext, ce_term, teacher_logits
 
 
 def sigmoid_rampup(step: float, length: float) -> float:
@@ -47,7 +47,7 @@ class MeanTeacher(OnlineMethod):
                                     "semi.rampup_fraction")
 
     def epochs(self, cfg) -> int:
-        return cfg.semi.mean_teacher_epochs or online_epochs(cfg)
+        return cfg.semi.mean_teacher_epochs or super().epochs(cfg)
 
     def teacher_decay(self, semi) -> float:
         return semi.mean_teacher_ema_decay
