@@ -7,6 +7,11 @@ high-water mark reset once the imports are done:
   selection file of |U| images (`pseudo_labels.read_selection`: an id and a row number each,
   the image path and mask read when an item is loaded) behind one repeated labeled item,
   and a TrainSet, then 64 items loaded.
+- `online_worker`: what an online method's rank (Mean Teacher here) builds from its stage spec:
+  the unlabeled pool read from the spec's pool file (`image_pool.read_pool`: ids, paths made
+  when indexed), its `UnlabeledSet` and `GlobalBatchSampler`, then 64 images' views loaded.
+- `online_worker_list`: the same with the pool's paths as a Python list, as the spec carried
+  them before the pool file.
 - `worker_eager`: every mask's PNG bytes and image path held in the items, as before the
   lazy reads (the shards' mask column read whole).
 - `driver`: ST++'s per-image work in the pipeline without its Ray stages: the unlabeled pool
@@ -35,7 +40,7 @@ import numpy as np
 
 MASK_SIZE = 64
 ROWS_PER_FILE = 256
-PROBES = ("floor", "worker", "worker_eager", "driver")
+PROBES = ("floor", "worker", "worker_eager", "online_worker", "online_worker_list", "driver")
 
 
 def _ids(n: int) -> list[str]:
@@ -103,15 +108,21 @@ def selection_file(shards: Path) -> str:
     return str(next((shards.parent / f"{shards.name}_selection").glob("pool-*.arrow")))
 
 
+def pool_file(shards: Path) -> str:
+    """The pool file (`image_pool.write_pool`) an online stage's spec names for the pool of `shards`."""
+    return str(next((shards.parent / f"{shards.name}_pool").glob("unlabeled-*.arrow")))
+
+
 def probe(kind: str, root: Path, shards: Path, n: int) -> None:
     """Runs in the measured process: build what `kind` holds, then print the peak RSS in MiB."""
     from stpp_ray.datasets import check_disjoint
-    from stpp_ray.image_pool import ImagePool, distinct_sorted
+    from stpp_ray.image_pool import ImagePaths, ImagePool, distinct_sorted, read_pool
+    from stpp_ray.methods.online import UnlabeledSet
     from stpp_ray.methods.base import SUPERVISED, PseudoLabels
     from stpp_ray.pseudo_labels import check_complete, read_table, scores, write_selection
     from stpp_ray.selection import read_ranking, select_reliable, write_ranking, write_selection_json
     from stpp_ray.stage_setup import StageSpec, build_train_items
-    from stpp_ray.training import TrainItem, TrainSet
+    from stpp_ray.training import GlobalBatchSampler, TrainItem, TrainSet
 
     # Imports peak above what they keep (shared libraries being loaded): reset the high-water
     # mark so that the figure is the peak of what this process builds, on top of what it imported.
@@ -130,6 +141,18 @@ def probe(kind: str, root: Path, shards: Path, n: int) -> None:
         train_set = TrainSet(items, "voc", MASK_SIZE, seed=0)
         for k in range(64):
             train_set[len(items) - n + k * (n // 64)]
+    elif kind in ("online_worker", "online_worker_list"):
+        spec = StageSpec("mean_teacher", str(shards), "fp", labeled=[["l0", "l0.jpg", "l0.png"]], val=[],
+                         method="mean_teacher", kind="online", epochs=1, unlabeled=pool_file(shards))
+        spec = StageSpec.from_dict(spec.to_dict())
+        paths = ImagePaths(read_pool(spec.unlabeled))
+        if kind == "online_worker_list":
+            paths = list(paths)
+        unlabeled = UnlabeledSet(paths, "mean_teacher", MASK_SIZE, seed=0)
+        sampler = GlobalBatchSampler(len(unlabeled), 8, 0, 1, 0, with_epoch=True)
+        for k in range(64):
+            unlabeled[k * (n // 64)]
+        assert len(sampler) and len(unlabeled) == n
     elif kind == "driver":  # the pipeline's per-image work, without the Ray stages themselves
         pool = ImagePool.read("voc", root, "unlabeled.txt")
         check_disjoint(["l0"], pool.among(["l0", "v0"]), ["v0"])
@@ -186,6 +209,8 @@ def _slope(sizes: list[int], values: list[float]) -> float:
 
 def run(scratch: Path, sizes: list[int], say=print) -> dict:
     """Peak RSS of each probe at each |U| (one pool, generated for the largest)."""
+    from stpp_ray.image_pool import ImagePool, write_pool
+
     start = time.perf_counter()
     root, largest = scratch / "memory_pool", max(sizes)
     make_pool(root, largest)
@@ -196,6 +221,7 @@ def run(scratch: Path, sizes: list[int], say=print) -> dict:
         (root / "unlabeled.txt").write_text("".join(f"{i}\n" for i in _ids(n)))
         out["mask_png_bytes"] = make_shards(shards, n, root)
         make_shards(student1_shards(shards), n, root, first=n // 2)
+        write_pool(shards.parent / f"{shards.name}_pool", "unlabeled", ImagePool.read("voc", root, "unlabeled.txt"))
         for kind in PROBES:
             out["peak_mib"][kind].append(_measure(kind, root, shards, n))
         say(f"memory at |U| = {n}: " + ", ".join(f"{k} {v[-1]:.0f} MiB" for k, v in out["peak_mib"].items()))
@@ -212,8 +238,10 @@ def markdown(m: dict) -> str:
              "|---|" + "---|" * (len(sizes) + 1)]
     names = {"worker": "student Train worker (ids and rows; path and mask read when loaded)",
              "worker_eager": "student Train worker, every mask held (before)",
+             "online_worker": "online method's Train worker (pool file: ids, paths made when indexed)",
+             "online_worker_list": "online method's Train worker, every path in a list (before)",
              "driver": "driver (pool, checks, selection, selection files)", "floor": "imports only"}
-    for kind in ("worker", "worker_eager", "driver", "floor"):
+    for kind in ("worker", "worker_eager", "online_worker", "online_worker_list", "driver", "floor"):
         lines.append(f"| {names[kind]} | " + " | ".join(f"{v:.0f}" for v in peak[kind])
                      + f" | {m['slope_mib_per_100k'][kind]:.1f} |")
     return "\n".join(lines) + "\n"

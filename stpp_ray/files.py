@@ -50,6 +50,22 @@ def write_arrow_atomic(path: str | Path, table) -> None:
         writer.write_table(table)
 
 
+def write_arrow_named(directory: str | Path, name: str, table, salt: str = "") -> str:
+    """`table` as an Arrow IPC file in `directory` named by `name` and its content (and `salt`):
+    writing the same table again is a no-op. Returns its path."""
+    digest = hashlib.sha256(salt.encode())
+    for column in table.columns:
+        for chunk in column.chunks:
+            for buf in chunk.buffers():
+                if buf is not None:
+                    digest.update(buf)
+    digest.update(json.dumps({k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}, sort_keys=True).encode())
+    path = location(directory) / f"{name}-{digest.hexdigest()[:16]}.arrow"
+    if not path.exists():
+        write_arrow_atomic(path, table)
+    return str(path)
+
+
 def read_arrow(path: str | Path):
     """The table of an Arrow IPC file (local or in a bucket)."""
     import pyarrow as pa

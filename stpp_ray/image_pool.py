@@ -5,6 +5,7 @@ each is its id between the pool's prefix and suffix, derived where a path is nee
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -13,6 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .datasets import Sample, iter_samples, resolve_path
+from .files import read_arrow, write_arrow_named
 from .storage import location
 
 CHUNK = 4096  # samples converted to Arrow (or files tested) at a time while the split is read
@@ -68,9 +70,11 @@ class ImagePool(Sequence):
     def __getitem__(self, k):
         if isinstance(k, slice):
             return [self[i] for i in range(*k.indices(len(self)))]
-        image_id = self.ids[k].as_py()
-        path = self._paths[k].as_py() if self.template is None else self.template[0] + image_id + self.template[1]
-        return Sample(image_id, location(path))
+        return Sample(self.ids[k].as_py(), location(self.path(k)))
+
+    def path(self, k: int) -> str:
+        """The path of image `k`."""
+        return self._paths[k].as_py() if self.template is None else self.template[0] + self.ids[k].as_py() + self.template[1]
 
     def image_ids(self) -> list[str]:
         return self.ids.to_pylist()
@@ -96,6 +100,42 @@ class ImagePool(Sequence):
         unless the pool has a template (the pass's tasks derive the paths, `with_paths`)."""
         table = pa.table({"image_id": self.ids}) if self.template else self.table()
         return [table.slice(lo, rows) for lo in range(0, len(table), rows)] or [table]
+
+
+class ImagePaths(Sequence):
+    """The paths of an `ImagePool` by index, each made when read (an online method's
+    `UnlabeledSet` indexes it: no list of |U| strings in a Train worker or its loader processes)."""
+
+    def __init__(self, pool: ImagePool):
+        self.pool = pool
+
+    def __len__(self) -> int:
+        return len(self.pool)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self.pool.path(i) for i in range(*k.indices(len(self)))]
+        return self.pool.path(k)
+
+
+def write_pool(directory, name: str, pool: ImagePool) -> str:
+    """`pool` as one Arrow IPC file in `directory`, named by its content: its ids, and its paths
+    or their template in the metadata. An online stage's spec names it, so the spec sent to
+    every Train worker holds one path, not |U| of them. Returns the file's path."""
+    table = pa.table({"image_id": pool.ids} if pool.template else {"image_id": pool.ids, "image_path": pool._paths})
+    if pool.template:
+        table = table.replace_schema_metadata({"template": json.dumps(list(pool.template))})
+    return write_arrow_named(directory, name, table)
+
+
+def read_pool(path) -> ImagePool:
+    """The pool of a `write_pool` file."""
+    table = read_arrow(path)
+    ids = table.column("image_id").combine_chunks()
+    meta = table.schema.metadata or {}
+    if b"template" in meta:
+        return ImagePool(ids, template=tuple(json.loads(meta[b"template"])))
+    return ImagePool(ids, table.column("image_path").combine_chunks())
 
 
 def with_paths(batch: pa.Table, template: tuple[str, str] | None) -> pa.Table:

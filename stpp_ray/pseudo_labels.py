@@ -17,7 +17,6 @@ in a selection file (`write_selection`); a worker makes a training item when it 
 from __future__ import annotations
 
 import bisect
-import hashlib
 import itertools
 import json
 import os
@@ -30,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .files import read_arrow, write_arrow_atomic
+from .files import read_arrow, write_arrow_named
 from .image_pool import distinct_sorted, has_duplicates, sorted_ids
 from .shard_layout import ROWS_PER_GROUP, SCHEMA, SHARD_FORMAT  # noqa: F401  (re-exported)
 from .storage import BucketPath, location
@@ -214,15 +213,7 @@ def write_selection(directory: str | Path, name: str, parquet_dir: str | Path, i
     items = read_pseudo_items(parquet_dir, image_ids, rows=rows)
     table = pa.table({"image_id": items.image_ids, "row": pa.array(items.rows, pa.int64())})
     table = table.replace_schema_metadata({"index": json.dumps(items.index.to_dict())})
-    digest = hashlib.sha256(str(parquet_dir).encode())
-    for column in table.columns:
-        for buf in column.chunk(0).buffers():
-            if buf is not None:
-                digest.update(buf)
-    path = location(directory) / f"{name}-{digest.hexdigest()[:16]}.arrow"
-    if not path.exists():
-        write_arrow_atomic(path, table)
-    return str(path)
+    return write_arrow_named(directory, name, table, salt=str(parquet_dir))
 
 
 def read_selection(path: str | Path, strong: bool = True) -> PseudoItems:

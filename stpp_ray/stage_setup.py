@@ -38,7 +38,7 @@ class StageSpec:
     epochs: int
     pseudo: list[PseudoLabels] = field(default_factory=list)
     checkpoint_epochs: list[int] = field(default_factory=list)
-    unlabeled: list[str] = field(default_factory=list)  # online methods: unlabeled image paths
+    unlabeled: str = ""                         # online methods: the unlabeled pool's file (`image_pool.write_pool`)
     init_weights: str = ""                      # weights to fine-tune (DMT's phases)
     fault_epoch: int = 0                        # tests only: kill one worker once at this epoch
 

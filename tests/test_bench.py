@@ -157,6 +157,7 @@ def test_stage_summary_splits_wall_time_into_compute_startup_and_teardown(tmp_pa
 def test_memory_pool_is_what_students_read_and_its_table_gives_the_slopes(tmp_path):
     from bench import memory
     from stpp_ray.datasets import build_samples
+    from stpp_ray.image_pool import ImagePool, read_pool, write_pool
     from stpp_ray.pseudo_labels import read_selection
     from stpp_ray.training import TrainSet, item_data
 
@@ -167,14 +168,17 @@ def test_memory_pool_is_what_students_read_and_its_table_gives_the_slopes(tmp_pa
     assert [i.image_id for i in items] == [s.image_id for s in samples]
     assert item_data(items[7], "voc")[0] == str(samples[7].image_path)
     image, mask = TrainSet(items, "voc", memory.MASK_SIZE, seed=0)[39]
+    write_pool(tmp_path / "shards_pool", "unlabeled", ImagePool.read("voc", tmp_path / "pool", "unlabeled.txt"))
+    assert list(read_pool(memory.pool_file(tmp_path / "shards"))) == samples  # what the online probes read
     assert len(items) == 40 and image.shape[-2:] == mask.shape == (memory.MASK_SIZE, memory.MASK_SIZE)
     result = {"sizes": [10, 30], "mask_size": 64, "mask_png_bytes": 150.0, "wall_s": 1.0,
               "peak_mib": {"worker": [100.0, 101.0], "worker_eager": [100.0, 120.0], "driver": [90.0, 90.5],
-                           "floor": [80.0, 80.0]}}
+                           "online_worker": [95.0, 95.0], "online_worker_list": [95.0, 96.0], "floor": [80.0, 80.0]}}
     result["slope_mib_per_100k"] = {k: memory._slope(result["sizes"], v) for k, v in result["peak_mib"].items()}
     table = memory.markdown(result)
     assert result["slope_mib_per_100k"]["worker_eager"] == pytest.approx(100_000.0)
     assert "| student Train worker (ids and rows; path and mask read when loaded) | 100 | 101 | 5000.0 |" in table
+    assert "| online method's Train worker, every path in a list (before) | 95 | 96 | 5000.0 |" in table
 
 
 def test_scale_model_counts_the_flops_of_resnet101_deeplabv3plus():

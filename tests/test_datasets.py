@@ -472,6 +472,32 @@ def test_the_unlabeled_pool_is_two_arrow_columns_read_in_chunks(tmp_path, monkey
     assert pool.table().column_names == ["image_id", "image_path"]
 
 
+@pytest.mark.parametrize("templated", [False, True])
+def test_an_online_stages_pool_file_gives_back_the_pool_and_its_paths_by_index(tmp_path, templated):
+    """`write_pool` / `read_pool`: what an online stage's spec names instead of |U| paths."""
+    import pyarrow as pa
+
+    from stpp_ray.image_pool import ImagePaths, ImagePool, read_pool, write_pool
+    from stpp_ray.methods.online import UnlabeledSet
+
+    ids = pa.array([f"u{i}" for i in range(5)])
+    pool = (ImagePool(ids, template=(f"{tmp_path}/JPEGImages/", ".jpg")) if templated
+            else ImagePool(ids, pa.array([f"{tmp_path}/img/u{i}.png" for i in range(5)])))
+    path = write_pool(tmp_path / "selections", "unlabeled", pool)
+    assert write_pool(tmp_path / "selections", "unlabeled", pool) == path  # the same pool: the same file
+    back = read_pool(path)
+    assert list(back) == list(pool) and back.template == pool.template
+    if templated:
+        assert read_pool(path).table().column_names == ["image_id", "image_path"]
+        assert pa.ipc.open_file(path).schema.names == ["image_id"]  # the paths are not written
+    paths = ImagePaths(back)
+    assert len(paths) == 5 and paths[3] == str(pool[3].image_path) and paths[1:3] == pool.paths.to_pylist()[1:3]
+    unlabeled = UnlabeledSet(paths, "mean_teacher", 8, seed=0)
+    assert unlabeled.paths is paths and len(unlabeled) == 5  # indexed, not copied into a list
+    other = ImagePool(ids[:4], pool.paths[:4]) if templated else ImagePool(ids[:4], template=("x/", ".jpg"))
+    assert write_pool(tmp_path / "selections", "unlabeled", other) != path
+
+
 @pytest.mark.parametrize("lines", [
     ["# the pool", "a", "", "  b  ", "c\r", "2007_000032"],  # comments, blanks, padding, CRLF: read in Arrow
     ["a", "b", "a"],  # a duplicate: iter_samples names its lines

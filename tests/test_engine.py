@@ -127,7 +127,7 @@ def test_train_items_double_a_small_labeled_set_for_the_teacher_only(tmp_path):
     assert len(build_train_items(spec(92))) == 184 and len(build_train_items(spec(199))) == 398
     assert len(build_train_items(spec(200))) == 200 and len(build_train_items(spec(1464))) == 1464
     # The online methods' labeled stream cycles alongside the unlabeled one: not doubled.
-    assert len(build_train_items(spec(92, unlabeled=["u.jpg"]))) == 92
+    assert len(build_train_items(spec(92, unlabeled="unlabeled.arrow"))) == 92
 
     ids = [f"u{i}" for i in range(10)]
     mask = encode_mask_png(np.zeros((4, 4), np.uint8))

@@ -28,6 +28,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ..config import Config
 from ..datasets import Sample
 from ..evaluation import evaluate
+from ..image_pool import ImagePaths, read_pool
 from ..methods import get_method
 from ..methods.base import ONLINE
 from ..methods.online import cycle, train_online_epoch
@@ -104,7 +105,7 @@ class StageWorker:
         self.setup: RankTraining = setup_rank(
             cfg, build_train_items(spec, training, cfg.data.num_classes), val_samples, spec.epochs, rank, world,
             self.device, training=training, online=self.online,
-            unlabeled_paths=spec.unlabeled if self.online else (), init_weights=spec.init_weights)
+            unlabeled_paths=ImagePaths(read_pool(spec.unlabeled)) if self.online else (), init_weights=spec.init_weights)
         self.criterion = training.criterion
         self.arch = architecture(cfg.model, cfg.data.num_classes,
                                  self.online.projection_channels(cfg) if self.online else 0)
@@ -134,7 +135,7 @@ class StageWorker:
         cfg, spec, setup = self.cfg, self.spec, self.setup
         self.stage_dir.mkdir(parents=True, exist_ok=True)
         _truncate_metrics(self.stage_dir, self.start_epoch)
-        unlabeled = f" + {len(spec.unlabeled)} unlabeled (global batch {cfg.unlabeled_batch_size()})" if self.online else ""
+        unlabeled = f" + {len(setup.unlabeled_set)} unlabeled (global batch {cfg.unlabeled_batch_size()})" if self.online else ""
         _say(f"[{spec.name}] {len(setup.train_set)} training images{unlabeled}, {setup.steps_per_epoch()} steps/epoch, "
              f"global batch {cfg.train.batch_size} over {self.world} worker(s) ({_shares(cfg.train.batch_size, self.world)} each), "
              f"device {self.device}")

@@ -120,7 +120,7 @@ class UnlabeledSet(Dataset):
             if method not in online_names():
                 raise ValueError(f"unknown online method {method!r}; expected one of {online_names()}")
             method = get_method(method)
-        self.paths = list(image_paths)
+        self.paths = image_paths if isinstance(image_paths, Sequence) else list(image_paths)
         self.method, self.crop, self.seed, self.cutmix_prob = method, crop_size, seed, cutmix_prob
         self.epoch = 0
         self.weak = weak_augment(crop_size, base_size=base_size)

@@ -19,7 +19,7 @@ from ..config import Config
 from ..datasets import (Sample, build_samples, check_disjoint, check_samples, read_split, resolve_path,
                         sample_for_check)
 from ..demo_data import ensure_demo_dataset
-from ..image_pool import ImagePool, distinct_sorted
+from ..image_pool import ImagePool, distinct_sorted, write_pool
 from ..files import locked
 from ..methods import get_method
 from ..methods.base import PseudoLabels, Stage, derive_fingerprint
@@ -170,7 +170,7 @@ class Pipeline:
             spec = StageSpec(name=name, stage_dir=str(stage_dir), fingerprint=fingerprint, labeled=rows(self.labeled),
                              val=rows(self.val), method=cfg.method, kind=kind, epochs=epochs, pseudo=pseudo(),
                              checkpoint_epochs=list(checkpoint_epochs),
-                             unlabeled=self.unlabeled.paths.to_pylist() if unlabeled else [],
+                             unlabeled=write_pool(self.run_dir / "selections", "unlabeled", self.unlabeled) if unlabeled else "",
                              init_weights=self.results[init_from]["final_checkpoint"] if init_from else "")
             callbacks = self.train_callbacks() if self.train_callbacks and name not in self.method.shared_stages else []
             return fit_stage(cfg, spec, home / "ray_train", callbacks=callbacks)
