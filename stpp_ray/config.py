@@ -329,12 +329,27 @@ class SweepConfig(_Section):
     )
     mode: Literal["max", "min"] = Field("max", description="Whether the metric is maximised or minimised.")
     max_concurrent_trials: int = Field(1, ge=1, description="Trials running at once (each needs its Train workers' resources).")
+    trial_cpus: float = Field(
+        1.0, ge=0, description="Logical CPUs each trial's driver holds besides its Train workers and labeling actors. "
+        "0 suits a cluster whose CPUs are all the workers': the drivers mostly wait (a local instance adds "
+        "max_concurrent_trials x this many logical CPUs for them). With 0, set `sweep.trial_memory_mib`."
+    )
+    trial_memory_mib: int = Field(
+        0, ge=0, description="Ray `memory` each trial's driver reserves, MiB (it holds the pool's ids and the selection). "
+        "Ray Tune needs a trial to reserve something: CPUs or this."
+    )
     scheduler: Literal["none", "asha"] = Field(
         "none", description="`asha` stops trials whose students' val mIoU lags at the same point of training."
     )
     asha_grace_period: int = Field(1, ge=1, description="ASHA: student reports a trial makes before it can be stopped.")
     asha_reduction_factor: float = Field(2.0, gt=1, description="ASHA: fraction 1/x of trials kept at each rung.")
     trial_max_failures: int = Field(0, ge=0, description="Retries of a failed trial (it resumes from its finished stages).")
+
+    @model_validator(mode="after")
+    def _trial_reserves_something(self) -> "SweepConfig":
+        if not self.trial_cpus and not self.trial_memory_mib:
+            raise ValueError("sweep.trial_cpus = 0 needs sweep.trial_memory_mib > 0: Ray Tune refuses a trial that reserves nothing")
+        return self
 
 
 class TrackingConfig(_Section):

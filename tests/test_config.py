@@ -57,6 +57,7 @@ def test_unknown_override_section_is_rejected(tmp_path):
     ("ray.num_workers=[1,32]", "smaller than ray.num_workers (32)"),
     ("model.backbone=vgg", "model.backbone"),
     ("method=magic", "method"),
+    ("sweep.trial_cpus=0", "sweep.trial_cpus = 0 needs sweep.trial_memory_mib > 0"),
 ])
 def test_impossible_values_are_refused(override, fragment):
     base = ["train.epochs=4", "ray.num_workers=2", "train.batch_size=16"]

@@ -174,8 +174,9 @@ def overrides_for(command: str, cfg, root: Path, out: Path) -> dict[str, object]
         if "base_size" in DataConfig.model_fields:
             o["data.base_size"] = base
     if command == "sweep":
-        # Each trial's driver holds one CPU besides its Train workers: one trial at a time fits.
-        o["sweep.max_concurrent_trials"] = 1
+        # The test cluster's CPUs are all its workers' (a 0-CPU head and two 1-CPU nodes): drivers that
+        # hold none let the config's own max_concurrent_trials run at once.
+        o["sweep.trial_cpus"], o["sweep.trial_memory_mib"] = 0, 512
     return o
 
 

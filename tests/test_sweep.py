@@ -186,7 +186,8 @@ def two_trial_sweep(ray_local, smoke_data, tmp_path_factory):
     d = tmp_path_factory.mktemp("sweep")
     config = _write(d / "sweep.yaml", ["train.epochs=3", "train.student_epochs=1", "train.eval_interval=0",
                                         "sweep.params={selection.reliable_fraction: [0.5], "
-                                        "selection.num_checkpoints: [2, 3]}",
+                                        "selection.num_checkpoints: [2, 3]}", "sweep.max_concurrent_trials=2", "sweep.trial_cpus=0",
+                                        "sweep.trial_memory_mib=512",
                                         f"tracking.mlflow_uri=file://{d / 'mlruns'}"], smoke_data, d / "run")
     first = run_sweep(config, [])
     again = run_sweep(config, [])  # a finished sweep run again: nothing is retrained
@@ -219,6 +220,12 @@ def test_two_trial_sweep_trains_one_teacher_and_every_trial(two_trial_sweep):
     assert (sweep_dir / "sweep_heatmap.png").stat().st_size > 0
     assert summary["best"]["command"].startswith("stpp-ray run -c ")
     assert summary["compute"]["naive_estimate_s"] > summary["compute"]["total_s"]
+    # sweep.trial_cpus=0 on the test cluster (two 1-CPU nodes): the two trials ran at once.
+    spans = []
+    for trial in summary["trials"]:
+        last = json.loads((sweep_dir / "tune" / trial["name"] / "result.json").read_text().splitlines()[-1])
+        spans.append((last["timestamp"] - last["time_total_s"], last["timestamp"]))
+    assert max(start for start, _ in spans) < min(end for _, end in spans), spans
 
 
 @pytest.mark.ray

@@ -221,7 +221,7 @@ def run_sweep(config_path: str, overrides: list[str], retry_failed: bool = False
     sweep_dir = Path(base.run.output_dir)
     _guard_sweep_dir(sweep_dir, raw)
     start = time.perf_counter()
-    init_ray(base, extra_cpus=cfg.sweep.max_concurrent_trials)  # one logical CPU per trial's driver
+    init_ray(base, extra_cpus=math.ceil(cfg.sweep.max_concurrent_trials * cfg.sweep.trial_cpus))  # the trials' drivers
     tracker = make_tracker(base, sweep_dir)  # the sweep's MLflow run; trials and shared stages nest under it
     try:
         summary = _run_trials(cfg, base, raw, sweep_dir, config_path, overrides, retry_failed, start,
@@ -246,7 +246,9 @@ def _run_trials(cfg: Config, base: Config, raw: dict, sweep_dir: Path, config_pa
         print(f"[sweep] {', '.join(k for k in swept if touches_shared([k]))} change the teacher: "
               f"each distinct teacher is trained once, by the first trial that needs it", flush=True)
 
-    trainable = tune.with_parameters(sweep_trial, base_raw=raw, sweep_dir=str(sweep_dir), tracking_parent=tracking_parent)
+    trainable = tune.with_resources(
+        tune.with_parameters(sweep_trial, base_raw=raw, sweep_dir=str(sweep_dir), tracking_parent=tracking_parent),
+        {"cpu": cfg.sweep.trial_cpus, "memory": cfg.sweep.trial_memory_mib * 2**20})
     tune_dir = sweep_dir / "tune"
     if tune.Tuner.can_restore(str(tune_dir)):
         print(f"[sweep] resuming the sweep in {tune_dir} (finished trials are kept"
