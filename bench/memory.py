@@ -116,7 +116,7 @@ def pool_file(shards: Path) -> str:
 def probe(kind: str, root: Path, shards: Path, n: int) -> None:
     """Runs in the measured process: build what `kind` holds, then print the peak RSS in MiB."""
     from stpp_ray.datasets import check_disjoint
-    from stpp_ray.image_pool import ImagePaths, ImagePool, distinct_sorted, read_pool
+    from stpp_ray.image_pool import ImagePaths, ImagePool, distinct_sorted, read_pool, release_arrow_memory
     from stpp_ray.methods.online import UnlabeledSet
     from stpp_ray.methods.base import SUPERVISED, PseudoLabels
     from stpp_ray.pseudo_labels import check_complete, read_table, scores, write_selection
@@ -156,15 +156,20 @@ def probe(kind: str, root: Path, shards: Path, n: int) -> None:
     elif kind == "driver":  # the pipeline's per-image work, without the Ray stages themselves
         pool = ImagePool.read("voc", root, "unlabeled.txt")
         check_disjoint(["l0"], pool.among(["l0", "v0"]), ["v0"])
+        release_arrow_memory()  # as the pipeline, after reading the pool and after each stage
         labeling_input = pool.subset(pool.ids).blocks(ROWS_PER_FILE)  # the teacher's labeling pass: every image
         check_complete(read_table(shards, ["image_id"]), pool.ids, "shards")
+        release_arrow_memory()
         out = shards.parent / f"{shards.name}_selections"
         selection = select_reliable(scores(shards, [1, 2]), 0.5)  # the select stage: K = 2 scores from the shards
         write_selection_json(selection, out / "selection.json")
-        ranking = read_ranking(write_ranking(selection, out / "selection.arrow"))
+        ranking_file = write_ranking(selection, out / "selection.arrow")
+        del selection  # the select stage ends; the students read its ranking
+        release_arrow_memory()
+        ranking = read_ranking(ranking_file)
         unreliable = ranking.ids(False)
         student1_input = pool.subset(unreliable).blocks(ROWS_PER_FILE)  # student 1's labeling pass
-        assert sum(map(len, student1_input)) == n - selection.num_reliable
+        assert sum(map(len, student1_input)) == n - ranking.num_reliable
         # The students' selection files (`Pipeline.pseudo_labels`): the reliable images' rows as
         # the ranking recorded them; student 1's shards hold exactly the unreliable images.
         reliable = ranking.part(True)

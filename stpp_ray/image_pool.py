@@ -145,6 +145,12 @@ def with_paths(batch: pa.Table, template: tuple[str, str] | None) -> pa.Table:
     return batch.append_column("image_path", template_paths(batch.column("image_id"), template))
 
 
+def release_arrow_memory() -> None:
+    """Return the memory pyarrow's allocator keeps after frees to the system: the driver's next
+    step would otherwise peak on top of it (at 200k images, 11 MiB after reading the pool)."""
+    pa.default_memory_pool().release_unused()
+
+
 def sorted_ids(ids: pa.Array) -> pa.Array:
     return ids.take(pc.sort_indices(ids))
 

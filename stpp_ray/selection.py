@@ -78,15 +78,14 @@ def select_reliable(scores: Mapping[str, float] | pa.Table, reliable_fraction: f
     table = scores if isinstance(scores, pa.Table) else _score_table(scores)
     if not len(table):
         raise ValueError("no scores to select from")
+    score = table.column("score").cast(pa.float64())
     columns = {"image_id": table.column("image_id").cast(pa.string()),
-               "score": pc.fill_null(table.column("score").cast(pa.float64()), math.nan)}
+               "score": pc.fill_null(score, math.nan) if score.null_count else score}  # null: NaN, ranked alike
     if "row" in table.column_names:
         columns["row"] = table.column("row").cast(pa.int64())
     table = pa.table(columns)
-    score = table.column("score")
-    nan = pc.is_nan(score)
-    keys = pa.table({"nan": nan, "order": pc.if_else(nan, 0.0, pc.negate(score)), "image_id": table.column("image_id")})
-    order = pc.sort_indices(keys, sort_keys=[("nan", "ascending"), ("order", "ascending"), ("image_id", "ascending")])
+    # Arrow places NaN with the nulls ("at_end"), in either order: no negated copy or NaN mask.
+    order = pc.sort_indices(table, sort_keys=[("score", "descending", "at_end"), ("image_id", "ascending", "at_end")])
     return Selection(table.take(order), num_reliable(len(table), reliable_fraction), float(reliable_fraction))
 
 

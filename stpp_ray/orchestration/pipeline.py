@@ -19,7 +19,7 @@ from ..config import Config
 from ..datasets import (Sample, build_samples, check_disjoint, check_samples, read_split, resolve_path,
                         sample_for_check)
 from ..demo_data import ensure_demo_dataset
-from ..image_pool import ImagePool, distinct_sorted, write_pool
+from ..image_pool import ImagePool, distinct_sorted, release_arrow_memory, write_pool
 from ..files import locked
 from ..methods import get_method
 from ..methods.base import PseudoLabels, Stage, derive_fingerprint
@@ -92,6 +92,7 @@ class Pipeline:
             self.unlabeled = ImagePool.read(d.layout, self.root, self._split("unlabeled", d.unlabeled_split))
             labeled, val = [s.image_id for s in self.labeled], [s.image_id for s in self.val]
             check_disjoint(labeled, self.unlabeled.among(labeled + val), val)  # only the overlaps matter
+            release_arrow_memory()
         if cfg.model.pretrained not in ("none", "imagenet"):
             from ..models import build_backbone
             # Fail here, naming the file, rather than inside every Train worker.
@@ -294,6 +295,7 @@ class Pipeline:
         manifest.record(stage, result)
         self.tracker.stage_finished(follower, result)
         timeline.append({"name": stage.name, "reused": False, **_brief(result)})
+        release_arrow_memory()  # what the stage freed, before the next one
         if report:
             write_report(self.cfg, self.run_dir, self.results, timeline, partial=True)
 
