@@ -39,9 +39,9 @@ POOL = {
     "list_page_keys": 1000, "list_page_s": 0.05,  # S3 ListObjectsV2: 1000 keys a page, ~50 ms a page, assumed
     "selection_s_per_million": 2.0,  # reading |U| x K scores from the shards and sorting them, assumed
 }
-MEASURED_MEMORY = {  # bench.run --sections memory at 849531d (BENCHMARKS.md): MiB at |U| = 10k, MiB per 100k
-    "sizes": [10_000], "peak_mib": {"worker": [795.0], "worker_eager": [763.0], "driver": [773.0]},
-    "slope_mib_per_100k": {"worker": 5.1, "worker_eager": 90.3, "driver": 15.3}, "mask_png_bytes": 155.0,
+MEASURED_MEMORY = {  # bench.run --sections memory at e2bd064 (BENCHMARKS.md): MiB at |U| = 10k, MiB per 100k
+    "sizes": [10_000], "peak_mib": {"worker": [795.0], "worker_eager": [763.0], "driver": [765.0]},
+    "slope_mib_per_100k": {"worker": 5.0, "worker_eager": 90.4, "driver": 13.6}, "mask_png_bytes": 155.0,
 }
 
 
