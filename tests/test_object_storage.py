@@ -124,6 +124,26 @@ def test_shards_and_a_dataset_in_a_bucket_are_read_with_one_listing(s3_store, sm
         build_samples("voc", str(root), "ImageSets/Segmentation/val.txt", with_masks=True)
 
 
+def test_an_online_stages_pool_file_and_its_images_are_read_from_a_bucket(s3_store, smoke_data):
+    """An online method's spec names `write_pool`'s file in the run directory (a bucket here);
+    its Train workers read it back and load each image by its bucket path."""
+    from stpp_ray.image_pool import ImagePaths, ImagePool, read_pool, write_pool
+    from stpp_ray.methods.online import UnlabeledSet
+
+    root = bucket(s3_store, "datasets", "pool")
+    upload(smoke_data / "JPEGImages", root / "JPEGImages")
+    pool = ImagePool.read("voc", smoke_data, "ImageSets/Segmentation/val.txt")
+    ids = pool.ids.slice(0, 3)
+    in_bucket = ImagePool(ids, pa.array([str(root / "JPEGImages" / f"{i}.jpg") for i in ids.to_pylist()]))
+    path = write_pool(bucket(s3_store, "run", "selections"), "unlabeled", in_bucket)
+    assert path.startswith("s3://") and location(path).exists()
+    paths = ImagePaths(read_pool(path))
+    assert list(paths) == in_bucket.paths.to_pylist()
+    np.testing.assert_array_equal(read_image(paths[1]), read_image(smoke_data / "JPEGImages" / f"{ids[1]}.jpg"))
+    views = UnlabeledSet(paths, "unimatch", 32, seed=0)[2]
+    assert views["weak"].shape[-2:] == (32, 32)
+
+
 def _bucket_config(tmp_path: Path, out: str, root: str) -> Path:
     raw = yaml.safe_load(Path(SMOKE).read_text())
     raw["data"].update(root=root, demo=False)
