@@ -54,8 +54,11 @@ def write_arrow_named(directory: str | Path, name: str, table, salt: str = "") -
     """`table` as an Arrow IPC file in `directory` named by `name` and its content (and `salt`):
     writing the same table again is a no-op. Returns its path."""
     digest = hashlib.sha256(salt.encode())
+    digest.update(str(table.schema).encode())
     for column in table.columns:
         for chunk in column.chunks:
+            # A slice shares its parent's buffers: its offset and length tell them apart.
+            digest.update(f"{chunk.offset}:{len(chunk)}".encode())
             for buf in chunk.buffers():
                 if buf is not None:
                     digest.update(buf)

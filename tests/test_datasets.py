@@ -496,6 +496,8 @@ def test_an_online_stages_pool_file_gives_back_the_pool_and_its_paths_by_index(t
     assert unlabeled.paths is paths and len(unlabeled) == 5  # indexed, not copied into a list
     other = ImagePool(ids[:4], pool.paths[:4]) if templated else ImagePool(ids[:4], template=("x/", ".jpg"))
     assert write_pool(tmp_path / "selections", "unlabeled", other) != path
+    shorter = ImagePool(ids.slice(0, 4), template=pool.template) if templated else ImagePool(ids.slice(0, 4), pool.paths.slice(0, 4))
+    assert list(read_pool(write_pool(tmp_path / "selections", "unlabeled", shorter))) == list(pool)[:4]  # a slice: its own file
 
 
 @pytest.mark.parametrize("lines", [
