@@ -54,7 +54,7 @@ def write_arrow_named(directory: str | Path, name: str, table, salt: str = "") -
     """`table` as an Arrow IPC file in `directory` named by `name` and its content (and `salt`):
     writing the same table again is a no-op. Returns its path."""
     digest = hashlib.sha256(salt.encode())
-    digest.update(str(table.schema).encode())
+    digest.update(str(table.schema.remove_metadata()).encode())  # the metadata in full below (str truncates it)
     for column in table.columns:
         for chunk in column.chunks:
             # A slice shares its parent's buffers: its offset and length tell them apart.
