@@ -14,16 +14,18 @@ high-water mark reset once the imports are done:
   them before the pool file.
 - `worker_eager`: every mask's PNG bytes and image path held in the items, as before the
   lazy reads (the shards' mask column read whole).
-- `driver`: ST++'s per-image work in the pipeline without its Ray stages: the unlabeled pool
-  (`ImagePool.read`), the split-overlap check, the teacher's labeling input (the pass's input
-  blocks) and its shards' completeness check, the select stage (the scores read from the
-  shards, ranked, written as `selection.json` and `selection.arrow`), student 1's labeling
-  input (the unreliable images) and student 2's two selection files (the reliable images at
-  the rows the ranking recorded; the unreliable ones, every row of student 1's shards).
+- `driver`: ST++'s per-image work on the driver, through the pipeline's own code (`driver`):
+  `Pipeline.prepare_data` (the unlabeled pool, the split-overlap check), the teacher's labeling
+  input blocks and its shards' completeness check, the select stage (scores read from the
+  shards, ranked, written as `selection.json` and `selection.arrow`), student 1's selection
+  file (the reliable images at the rows the ranking recorded) and labeling input (the
+  unreliable images), and student 2's two selection files; each stage's objects freed as the
+  pipeline frees them. The Ray passes and Train stages themselves are not run.
 - `floor`: a process that imports the same modules and does nothing else (what the imports keep).
 
-The pool: |U| copies of one `MASK_SIZE` px JPEG under the VOC layout and pseudo-label shards of
-its masks (256 rows a file, `ROWS_PER_GROUP` rows a group), generated in seconds.
+The pool: |U| copies of one `MASK_SIZE` px JPEG under the VOC layout (beside a labeled split of
+2 images and a val split of 1) and pseudo-label shards of its masks (256 rows a file,
+`ROWS_PER_GROUP` rows a group), generated in seconds.
 """
 
 from __future__ import annotations
@@ -63,6 +65,12 @@ def make_pool(root: Path, n: int, size: int = MASK_SIZE) -> None:
         if not path.exists():
             path.write_bytes(jpeg)
     (root / "unlabeled.txt").write_text("".join(f"{i}\n" for i in _ids(n)))
+    (root / "SegmentationClass").mkdir(exist_ok=True)
+    for split, split_ids in (("labeled.txt", ["l0", "l1"]), ("val.txt", ["v0"])):  # the driver's other splits
+        for image_id in split_ids:
+            (images / f"{image_id}.jpg").write_bytes(jpeg)
+            Image.fromarray(np.zeros((size, size), np.uint8)).save(root / "SegmentationClass" / f"{image_id}.png")
+        (root / split).write_text("".join(f"{i}\n" for i in split_ids))
 
 
 def make_shards(out: Path, n: int, root: Path, first: int = 0) -> float:
@@ -115,12 +123,12 @@ def pool_file(shards: Path) -> str:
 
 def probe(kind: str, root: Path, shards: Path, n: int) -> None:
     """Runs in the measured process: build what `kind` holds, then print the peak RSS in MiB."""
-    from stpp_ray.datasets import check_disjoint
-    from stpp_ray.image_pool import ImagePaths, ImagePool, distinct_sorted, read_pool, release_arrow_memory
+    from stpp_ray.config import load_config  # noqa: F401  (the driver's; imported here so the floor has them)
+    from stpp_ray.image_pool import ImagePaths, read_pool
     from stpp_ray.methods.online import UnlabeledSet
     from stpp_ray.methods.base import SUPERVISED, PseudoLabels
-    from stpp_ray.pseudo_labels import check_complete, read_table, scores, write_selection
-    from stpp_ray.selection import read_ranking, select_reliable, write_ranking, write_selection_json
+    from stpp_ray.orchestration.pipeline import Pipeline  # noqa: F401
+    from stpp_ray.pseudo_labels import read_table
     from stpp_ray.stage_setup import StageSpec, build_train_items
     from stpp_ray.training import GlobalBatchSampler, TrainItem, TrainSet
 
@@ -153,32 +161,45 @@ def probe(kind: str, root: Path, shards: Path, n: int) -> None:
         for k in range(64):
             unlabeled[k * (n // 64)]
         assert len(sampler) and len(unlabeled) == n
-    elif kind == "driver":  # the pipeline's per-image work, without the Ray stages themselves
-        pool = ImagePool.read("voc", root, "unlabeled.txt")
-        check_disjoint(["l0"], pool.among(["l0", "v0"]), ["v0"])
-        release_arrow_memory()  # as the pipeline, after reading the pool and after each stage
-        labeling_input = pool.subset(pool.ids).blocks(ROWS_PER_FILE)  # the teacher's labeling pass: every image
-        check_complete(read_table(shards, ["image_id"]), pool.ids, "shards")
-        release_arrow_memory()
-        out = shards.parent / f"{shards.name}_selections"
-        selection = select_reliable(scores(shards, [1, 2]), 0.5)  # the select stage: K = 2 scores from the shards
-        write_selection_json(selection, out / "selection.json")
-        ranking_file = write_ranking(selection, out / "selection.arrow")
-        del selection  # the select stage ends; the students read its ranking
-        release_arrow_memory()
-        ranking = read_ranking(ranking_file)
-        unreliable = ranking.ids(False)
-        student1_input = pool.subset(unreliable).blocks(ROWS_PER_FILE)  # student 1's labeling pass
-        assert sum(map(len, student1_input)) == n - ranking.num_reliable
-        # The students' selection files (`Pipeline.pseudo_labels`): the reliable images' rows as
-        # the ranking recorded them; student 1's shards hold exactly the unreliable images.
-        reliable = ranking.part(True)
-        specs = [PseudoLabels(str(shards), write_selection(out, "reliable", shards, reliable.column("image_id").combine_chunks(),
-                                                           reliable.column("row").to_numpy()), len(reliable))]
-        ids = distinct_sorted(unreliable)
-        specs.append(PseudoLabels(str(student1_shards(shards)), write_selection(out, "unreliable", student1_shards(shards), ids), len(ids)))
-        assert sum(s.count for s in specs) == n
+    elif kind == "driver":
+        driver(root, shards)
     print(_peak_mib())
+
+
+def driver(root: Path, shards: Path) -> None:
+    """The `driver` probe: ST++'s stages on the driver, Ray passes left out (a labeling stage's
+    driver work, `run_labeling`'s input blocks and completeness check, done on prepared shards)."""
+    from stpp_ray.config import load_config
+    from stpp_ray.image_pool import release_arrow_memory
+    from stpp_ray.orchestration.pipeline import Pipeline, _ids_and_rows
+    from stpp_ray.pseudo_labels import check_complete, read_table
+
+    cfg = load_config(None, ["method=stpp", "data.layout=voc", f"data.root={root}", "data.labeled_split=labeled.txt",
+                             "data.unlabeled_split=unlabeled.txt", "data.val_split=val.txt", "train.epochs=2",
+                             "train.batch_size=2", "selection.num_checkpoints=2", "selection.reliable_fraction=0.5",
+                             f"run.output_dir={shards.parent / (shards.name + '_run')}"])
+    pipeline = Pipeline(cfg)
+    pipeline.run_dir.mkdir(parents=True, exist_ok=True)
+
+    def label(name: str, images, parquet_dir: Path) -> None:  # Pipeline.label's run without its Ray pass
+        pool = pipeline.unlabeled.subset(_ids_and_rows(images)[0])
+        blocks = pool.blocks(ROWS_PER_FILE)
+        assert sum(map(len, blocks)) == len(pool)
+        check_complete(read_table(parquet_dir, ["image_id"]), pool.ids, str(parquet_dir))
+        pipeline.results[name] = {"parquet_dir": str(parquet_dir)}
+
+    pipeline.prepare_data()
+    label("label_teacher", pipeline.unlabeled_ids(), shards)
+    release_arrow_memory()  # as `_run_stage` after each stage
+    pipeline.results["select"] = pipeline.select("fp", "label_teacher").run()
+    release_arrow_memory()
+    student1 = [pipeline.pseudo_labels("label_teacher", pipeline.selected(True))]  # student 1's spec
+    release_arrow_memory()
+    label("label_student1", pipeline.selected(False), student1_shards(shards))
+    release_arrow_memory()
+    student2 = [pipeline.pseudo_labels("label_teacher", pipeline.selected(True)),
+                pipeline.pseudo_labels("label_student1", pipeline.selected(False))]
+    assert sum(s.count for s in student2) == len(pipeline.unlabeled) and student1[0].count == student2[0].count
 
 
 def _reset_peak() -> None:

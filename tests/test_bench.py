@@ -173,6 +173,12 @@ def test_memory_pool_is_what_students_read_and_its_table_gives_the_slopes(tmp_pa
     write_pool(tmp_path / "shards_pool", "unlabeled", ImagePool.read("voc", tmp_path / "pool", "unlabeled.txt"))
     assert list(read_pool(memory.pool_file(tmp_path / "shards"))) == samples  # what the online probes read
     assert len(items) == 40 and image.shape[-2:] == mask.shape == (memory.MASK_SIZE, memory.MASK_SIZE)
+    memory.make_shards(memory.student1_shards(tmp_path / "shards"), 40, tmp_path / "pool", first=20)
+    memory.driver(tmp_path / "pool", tmp_path / "shards")  # the pipeline's own select stage and selection files
+    selection = json.loads((tmp_path / "shards_run" / "selection.json").read_text())
+    assert len(selection["reliable"]) == len(selection["unreliable"]) == 20 and len(selection["scores"]) == 40
+    # the reliable images (students 1 and 2: one file, named by content) and the unreliable ones
+    assert len(list((tmp_path / "shards_run" / "selections").glob("*.arrow"))) == 2
     result = {"sizes": [10, 30], "mask_size": 64, "mask_png_bytes": 150.0, "wall_s": 1.0,
               "peak_mib": {"worker": [100.0, 101.0], "worker_eager": [100.0, 120.0], "driver": [90.0, 90.5],
                            "online_worker": [95.0, 95.0], "online_worker_list": [95.0, 96.0], "floor": [80.0, 80.0]}}
