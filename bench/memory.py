@@ -21,6 +21,8 @@ high-water mark reset once the imports are done:
   file (the reliable images at the rows the ranking recorded) and labeling input (the
   unreliable images), and student 2's two selection files; each stage's objects freed as the
   pipeline frees them. The Ray passes and Train stages themselves are not run.
+- `driver_steps`: the driver probe again, its high-water mark reset after each step: each step's
+  own peak.
 - `floor`: a process that imports the same modules and does nothing else (what the imports keep).
 
 The pool: |U| copies of one `MASK_SIZE` px JPEG under the VOC layout (beside a labeled split of
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import resource
 import subprocess
 import sys
@@ -43,6 +46,14 @@ import numpy as np
 MASK_SIZE = 64
 ROWS_PER_FILE = 256
 PROBES = ("floor", "worker", "worker_eager", "online_worker", "online_worker_list", "driver")
+DRIVER_STEPS = {  # the `driver` probe's steps, as the pipeline runs them
+    "pool": "the unlabeled pool read, the split-overlap check (`prepare_data`)",
+    "label_teacher": "the teacher's labeling input and its shards' completeness check",
+    "select": "the select stage: scores from the shards, ranking, `selection.json`, `selection.arrow`",
+    "student1": "student 1's selection file (the reliable images)",
+    "label_student1": "student 1's labeling input (the unreliable images) and completeness check",
+    "student2": "student 2's two selection files",
+}
 
 
 def _ids(n: int) -> list[str]:
@@ -163,12 +174,18 @@ def probe(kind: str, root: Path, shards: Path, n: int) -> None:
         assert len(sampler) and len(unlabeled) == n
     elif kind == "driver":
         driver(root, shards)
+    elif kind == "driver_steps":  # each step's own peak: the high-water mark reset after each
+        peaks = {}
+        driver(root, shards, lambda name: (peaks.__setitem__(name, _peak_mib()), _reset_peak()))
+        print(json.dumps(peaks))
+        return
     print(_peak_mib())
 
 
-def driver(root: Path, shards: Path) -> None:
+def driver(root: Path, shards: Path, step_done=lambda name: None) -> None:
     """The `driver` probe: ST++'s stages on the driver, Ray passes left out (a labeling stage's
-    driver work, `run_labeling`'s input blocks and completeness check, done on prepared shards)."""
+    driver work, `run_labeling`'s input blocks and completeness check, done on prepared shards).
+    `step_done(name)` is called after each step (`DRIVER_STEPS`)."""
     from stpp_ray.config import load_config
     from stpp_ray.image_pool import release_arrow_memory
     from stpp_ray.orchestration.pipeline import Pipeline, _ids_and_rows
@@ -189,16 +206,22 @@ def driver(root: Path, shards: Path) -> None:
         pipeline.results[name] = {"parquet_dir": str(parquet_dir)}
 
     pipeline.prepare_data()
+    step_done("pool")
     label("label_teacher", pipeline.unlabeled_ids(), shards)
     release_arrow_memory()  # as `_run_stage` after each stage
+    step_done("label_teacher")
     pipeline.results["select"] = pipeline.select("fp", "label_teacher").run()
     release_arrow_memory()
+    step_done("select")
     student1 = [pipeline.pseudo_labels("label_teacher", pipeline.selected(True))]  # student 1's spec
     release_arrow_memory()
+    step_done("student1")
     label("label_student1", pipeline.selected(False), student1_shards(shards))
     release_arrow_memory()
+    step_done("label_student1")
     student2 = [pipeline.pseudo_labels("label_teacher", pipeline.selected(True)),
                 pipeline.pseudo_labels("label_student1", pipeline.selected(False))]
+    step_done("student2")
     assert sum(s.count for s in student2) == len(pipeline.unlabeled) and student1[0].count == student2[0].count
 
 
@@ -220,12 +243,14 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _measure(kind: str, root: Path, shards: Path, n: int) -> float:
+def _measure(kind: str, root: Path, shards: Path, n: int):
+    """The probe's last line: a figure, or for `driver_steps` a JSON object."""
     done = subprocess.run([sys.executable, "-m", "bench.memory", "--probe", kind, str(root), str(shards), str(n)],
                           capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
     if done.returncode:
         raise RuntimeError(f"memory probe {kind} at |U| = {n} failed: {done.stderr.strip()[-2000:]}")
-    return float(done.stdout.split()[-1])
+    last = done.stdout.strip().splitlines()[-1]
+    return json.loads(last) if kind == "driver_steps" else float(last)
 
 
 def _slope(sizes: list[int], values: list[float]) -> float:
@@ -250,6 +275,8 @@ def run(scratch: Path, sizes: list[int], say=print) -> dict:
         write_pool(shards.parent / f"{shards.name}_pool", "unlabeled", ImagePool.read("voc", root, "unlabeled.txt"))
         for kind in PROBES:
             out["peak_mib"][kind].append(_measure(kind, root, shards, n))
+        for step, peak in _measure("driver_steps", root, shards, n).items():
+            out.setdefault("driver_steps_mib", {}).setdefault(step, []).append(peak)
         say(f"memory at |U| = {n}: " + ", ".join(f"{k} {v[-1]:.0f} MiB" for k, v in out["peak_mib"].items()))
     out["slope_mib_per_100k"] = {k: _slope(sizes, v) for k, v in out["peak_mib"].items()}
     out["wall_s"] = time.perf_counter() - start
@@ -270,6 +297,13 @@ def markdown(m: dict) -> str:
     for kind in ("worker", "worker_eager", "online_worker", "online_worker_list", "driver", "floor"):
         lines.append(f"| {names[kind]} | " + " | ".join(f"{v:.0f}" for v in peak[kind])
                      + f" | {m['slope_mib_per_100k'][kind]:.1f} |")
+    if "driver_steps_mib" in m:
+        lines += ["", "The driver's peak in each step (MiB; one more process, its high-water mark reset after each step):", "",
+                  "| step | " + " | ".join(f"|U| = {n:,}" for n in sizes) + " | slope (MiB per 100k images) |",
+                  "|---|" + "---|" * (len(sizes) + 1)]
+        for step, values in m["driver_steps_mib"].items():
+            lines.append(f"| {DRIVER_STEPS[step]} | " + " | ".join(f"{v:.0f}" for v in values)
+                         + f" | {_slope(sizes, values):.1f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -29,7 +29,7 @@ ASSUMPTIONS = {
 }
 
 # The million-image pool: the recipe above, |U| = 1M. Memory lines come from bench/memory.py (a
-# bench.json with its section, or the figures of BENCHMARKS.md measured at 9c8d6f1, below).
+# bench.json with its section, or the figures of BENCHMARKS.md below).
 POOL = {
     "unlabeled": 1_000_000, "gpus": (8, 32),
     "mask_png_bytes": 8_000,   # a 500x375 label map of a few ragged regions as PNG, assumed; read your first shard's
@@ -39,10 +39,13 @@ POOL = {
     "list_page_keys": 1000, "list_page_s": 0.05,  # S3 ListObjectsV2: 1000 keys a page, ~50 ms a page, assumed
     "selection_s_per_million": 2.0,  # reading |U| x K scores from the shards and sorting them, assumed
 }
-MEASURED_MEMORY = {  # bench.run --sections memory at e2bd064 (BENCHMARKS.md): MiB at |U| = 10k, MiB per 100k
-    "sizes": [10_000], "peak_mib": {"worker": [795.0], "worker_eager": [763.0], "driver": [765.0]},
-    "slope_mib_per_100k": {"worker": 5.0, "worker_eager": 90.4, "driver": 13.6}, "mask_png_bytes": 155.0,
+MEASURED_MEMORY = {  # bench.run --sections memory at 67e8adb (BENCHMARKS.md): MiB at |U| = 10k, MiB per 100k
+    "sizes": [10_000], "peak_mib": {"worker": [808.0], "worker_eager": [778.0], "driver": [779.0]},
+    "slope_mib_per_100k": {"worker": 4.1, "worker_eager": 90.2, "driver": 12.3}, "mask_png_bytes": 155.0,
 }
+# The fixed costs where a bench.json lacks the sections measuring them: bench.run --sections
+# labeling training at 9ed1b00 (BENCHMARKS.md): Ray Train start-up per stage (median), a labeling pass's.
+MEASURED_FIXED_S = {"train_startup": 13.8, "label_pass": 6.8}
 
 
 def count_flops() -> tuple[float, float]:
@@ -176,9 +179,10 @@ def render(rows: list[dict], train_gf: float, infer_gf: float, train_start_s: fl
 
 
 def markdown_from(bench: dict) -> str:
-    """The scale-model table, with the fixed costs measured in a bench.json dict (0 if absent)."""
-    train_start = bench.get("training", {}).get("startup_s", {}).get("median", 0.0)
-    label_fixed = bench.get("labeling", {}).get("ray_fixed_s", 0.0)
+    """The scale-model table, with the fixed costs and memory measured in a bench.json dict (where
+    absent, those of `MEASURED_FIXED_S` and `MEASURED_MEMORY`)."""
+    train_start = bench.get("training", {}).get("startup_s", {}).get("median", MEASURED_FIXED_S["train_startup"])
+    label_fixed = bench.get("labeling", {}).get("ray_fixed_s", MEASURED_FIXED_S["label_pass"])
     memory = bench.get("memory") or MEASURED_MEMORY
     train_gf, infer_gf = count_flops()
     return (render(project(train_gf, infer_gf, train_start, label_fixed), train_gf, infer_gf, train_start, label_fixed)

@@ -174,7 +174,9 @@ def test_memory_pool_is_what_students_read_and_its_table_gives_the_slopes(tmp_pa
     assert list(read_pool(memory.pool_file(tmp_path / "shards"))) == samples  # what the online probes read
     assert len(items) == 40 and image.shape[-2:] == mask.shape == (memory.MASK_SIZE, memory.MASK_SIZE)
     memory.make_shards(memory.student1_shards(tmp_path / "shards"), 40, tmp_path / "pool", first=20)
-    memory.driver(tmp_path / "pool", tmp_path / "shards")  # the pipeline's own select stage and selection files
+    steps = []
+    memory.driver(tmp_path / "pool", tmp_path / "shards", steps.append)  # the pipeline's own select stage and selection files
+    assert steps == list(memory.DRIVER_STEPS)
     selection = json.loads((tmp_path / "shards_run" / "selection.json").read_text())
     assert len(selection["reliable"]) == len(selection["unreliable"]) == 20 and len(selection["scores"]) == 40
     # the reliable images (students 1 and 2: one file, named by content) and the unreliable ones
@@ -187,6 +189,8 @@ def test_memory_pool_is_what_students_read_and_its_table_gives_the_slopes(tmp_pa
     assert result["slope_mib_per_100k"]["worker_eager"] == pytest.approx(100_000.0)
     assert "| student Train worker (ids and rows; path and mask read when loaded) | 100 | 101 | 5000.0 |" in table
     assert "| online method's Train worker, every path in a list (before) | 95 | 96 | 5000.0 |" in table
+    result["driver_steps_mib"] = {step: [90.0, 90.2] for step in memory.DRIVER_STEPS}
+    assert f"| {memory.DRIVER_STEPS['select']} | 90 | 90 | 1000.0 |" in memory.markdown(result)
 
 
 def test_scale_model_counts_the_flops_of_resnet101_deeplabv3plus():
