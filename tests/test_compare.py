@@ -7,15 +7,16 @@ from stpp_ray.config import load_config
 
 
 def test_summary_statistics_per_method():
-    rows = [{"method": "stpp", "miou": v, "wall_s": 10.0} for v in (0.40, 0.44, 0.42)]
-    rows.append({"method": "supervised", "miou": 0.30, "wall_s": 5.0})
+    rows = [{"seed": seed, "method": "stpp", "miou": v, "wall_s": 10.0} for seed, v in enumerate((0.40, 0.44, 0.42))]
+    rows.append({"seed": 1, "method": "supervised", "miou": 0.30, "wall_s": 5.0})
     summary = {s["method"]: s for s in summarize(rows)}
     assert summary["stpp"]["miou_mean"] == pytest.approx(0.42)
     assert summary["stpp"]["miou_std"] == pytest.approx(0.02)
     assert (summary["stpp"]["miou_min"], summary["stpp"]["miou_max"]) == (0.40, 0.44)
     assert math.isnan(summary["supervised"]["miou_std"])  # one seed: no spread
+    assert summary["stpp"]["gains"] == [pytest.approx(0.14)] and summary["supervised"]["gains"] == []  # seed 1 only
     table = render_table(summarize(rows))
-    assert "| ST++ | 42.00 ± 2.00 | 40.00 – 44.00 | 3 | – | – | 10 s |" in table  # rows without budgets
+    assert "| ST++ | 42.00 ± 2.00 | 40.00 – 44.00 | +14.0 | 3 | – | – | 10 s |" in table  # rows without budgets
     assert table.index("SupOnly") < table.index("ST++")
 
 
@@ -30,8 +31,8 @@ def test_rows_state_their_budget_and_the_long_suponly_matches_the_longest_method
             {"seed": 0, "method": "stpp", "miou": 0.40, **_budget(report)},
             {"seed": 0, "method": LONG_SUPONLY, "miou": 0.33, "wall_s": 60.0, "steps": 500, "images_per_step": 16.0}]
     table = render_table(summarize(rows))
-    assert "| SupOnly (teacher) | 30.00 | 30.00 – 30.00 | 1 | 200 | 16.0 | 51 s |" in table
-    assert "| SupOnly, as many steps as the longest method | 33.00 | 33.00 – 33.00 | 1 | 500 | 16.0 | 60 s |" in table
+    assert "| SupOnly (teacher) | 30.00 | 30.00 – 30.00 | – | 1 | 200 | 16.0 | 51 s |" in table
+    assert "| SupOnly, as many steps as the longest method | 33.00 | 33.00 – 33.00 | +3.0 | 1 | 500 | 16.0 | 60 s |" in table
     cfg = load_config(None, ["train.epochs=100"])
     assert long_suponly_epochs(cfg, 200, 500) == 250 and long_suponly_epochs(cfg, 200, 150) == 100
     _write(tmp_path, cfg, rows, [0])
