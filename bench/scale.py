@@ -39,9 +39,9 @@ POOL = {
     "list_page_keys": 1000, "list_page_s": 0.05,  # S3 ListObjectsV2: 1000 keys a page, ~50 ms a page, assumed
     "selection_s_per_million": 2.0,  # reading |U| x K scores from the shards and sorting them, assumed
 }
-MEASURED_MEMORY = {  # bench.run --sections memory at 67e8adb (BENCHMARKS.md): MiB at |U| = 10k, MiB per 100k
-    "sizes": [10_000], "peak_mib": {"worker": [808.0], "worker_eager": [778.0], "driver": [779.0]},
-    "slope_mib_per_100k": {"worker": 4.1, "worker_eager": 90.2, "driver": 12.3}, "mask_png_bytes": 155.0,
+MEASURED_MEMORY = {  # bench.run --sections memory at 394d6e7 (BENCHMARKS.md): MiB at |U| = 10k, MiB per 100k
+    "sizes": [10_000], "peak_mib": {"worker": [808.0], "worker_eager": [778.0], "driver": [778.0]},
+    "slope_mib_per_100k": {"worker": 4.3, "worker_eager": 90.2, "driver": 12.3}, "mask_png_bytes": 155.0,
 }
 # The fixed costs where a bench.json lacks the sections measuring them: bench.run --sections
 # labeling training at 9ed1b00 (BENCHMARKS.md): Ray Train start-up per stage (median), a labeling pass's.
