@@ -176,7 +176,12 @@ def probe(kind: str, root: Path, shards: Path, n: int) -> None:
         driver(root, shards)
     elif kind == "driver_steps":  # each step's own peak: the high-water mark reset after each
         peaks = {}
-        driver(root, shards, lambda name: (peaks.__setitem__(name, _peak_mib()), _reset_peak()))
+
+        def step_done(name: str) -> None:
+            peaks[name] = _peak_mib()
+            _reset_peak()
+
+        driver(root, shards, step_done)
         print(json.dumps(peaks))
         return
     print(_peak_mib())
@@ -205,20 +210,20 @@ def driver(root: Path, shards: Path, step_done=lambda name: None) -> None:
         check_complete(read_table(parquet_dir, ["image_id"]), pool.ids, str(parquet_dir))
         pipeline.results[name] = {"parquet_dir": str(parquet_dir)}
 
-    pipeline.prepare_data()
+    def stage_done(name: str) -> None:
+        release_arrow_memory()  # as `_run_stage` after each stage
+        step_done(name)
+
+    pipeline.prepare_data()  # (releases on its own)
     step_done("pool")
     label("label_teacher", pipeline.unlabeled_ids(), shards)
-    release_arrow_memory()  # as `_run_stage` after each stage
-    step_done("label_teacher")
+    stage_done("label_teacher")
     pipeline.results["select"] = pipeline.select("fp", "label_teacher").run()
-    release_arrow_memory()
-    step_done("select")
+    stage_done("select")
     student1 = [pipeline.pseudo_labels("label_teacher", pipeline.selected(True))]  # student 1's spec
-    release_arrow_memory()
-    step_done("student1")
+    stage_done("student1")
     label("label_student1", pipeline.selected(False), student1_shards(shards))
-    release_arrow_memory()
-    step_done("label_student1")
+    stage_done("label_student1")
     student2 = [pipeline.pseudo_labels("label_teacher", pipeline.selected(True)),
                 pipeline.pseudo_labels("label_student1", pipeline.selected(False))]
     step_done("student2")
